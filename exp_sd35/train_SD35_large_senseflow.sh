@@ -1,0 +1,6 @@
+#!/bin/sh
+# SenseFlow distillation of Stable Diffusion 3.5 Large.
+#   sh exp_sd35/train_SD35_large_senseflow.sh NNODES GPUS_PER_NODE CONFIG SAVE_DIR [key=value ...]
+# e.g. sh exp_sd35/train_SD35_large_senseflow.sh 1 8 configs/SD35/sd35_large_senseflow.yaml /path/to/save
+# Multi-node (MASTER_ADDR, MASTER_PORT, NODE_RANK) and all options: see exp_common/launch.sh.
+exec sh "$(dirname "$0")/../exp_common/launch.sh" "$@"

@@ -1,0 +1,512 @@
+"""Typed configuration: nested dataclasses, YAML loading with ``base:`` inheritance, dotted overrides.
+
+Every number of the method is a named field here; the defaults are the SenseFlow SD3.5 Medium recipe
+(R1 in the spec) and the YAML files in ``configs/`` state every recipe's values explicitly. Unknown
+keys are rejected naming the file and the key; cross-field mistakes raise :class:`ConfigError` naming
+the key to change; the resolved config is written into the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .discriminator.config import DiscriminatorConfig
+from .errors import ConfigError
+
+
+@dataclass
+class PathsConfig:
+    """Local paths to weights and data (``tiny:<name>`` selects a built-in tiny asset)."""
+
+    pretrained_model: str = ""
+    """Teacher directory in diffusers layout (e.g. stable-diffusion-3.5-medium)."""
+    dataset: str = ""
+    """JSON dataset file with equally long lists ``keys``, ``image_paths``, ``prompts``."""
+    dino: str = ""
+    """DINOv2 ViT-L/14 directory in the transformers layout (facebook/dinov2-large); discriminator backbone."""
+    clip: str = ""
+    """OpenAI CLIP ViT-L/14 weights file loadable by open_clip; discriminator text conditioning."""
+
+
+@dataclass
+class ModelConfig:
+    """Which teacher family and how its components are built."""
+
+    family: str = "sd3"
+    """Teacher adapter: ``sd3`` (SD3.5 Medium/Large)."""
+    random_init: bool = False
+    """Build components from their config.json with random weights instead of loading weights (benchmarks)."""
+    t5_max_length: int = 77
+    """T5 token length of the prompt encoding (77 in SD3.5 training, spec §11)."""
+    gradient_checkpointing: bool = True
+    """Activation checkpointing of the trained transformers' blocks and of the VAE decoder."""
+
+
+@dataclass
+class TimestepSampling:
+    """A distribution over indices of the 1000-entry training table (spec §4, §5)."""
+
+    dist: str = "uniform"
+    """``uniform`` on ``{min_index..max_index}`` or ``logit_normal`` (``floor(1000·sigmoid(z))``, clamped)."""
+    table: str = "ascending"
+    """``ascending`` (Σ↑, index i ↦ S_k((i+1)/1000)) or ``descending`` (Σ↓, the scheduler's own order)."""
+    min_index: int = 0
+    """Smallest index (inclusive)."""
+    max_index: int = 999
+    """Largest index (inclusive)."""
+
+
+@dataclass
+class DMConfig:
+    """Distribution-matching loss (spec §4)."""
+
+    timesteps: TimestepSampling = field(
+        default_factory=lambda: TimestepSampling("uniform", "ascending", 20, 980)
+    )
+    """Noise level of the DM loss: SD3.5 U{20..980} on the ascending table."""
+    guidance: list[float] = field(default_factory=lambda: [2.0, 8.0])
+    """Teacher CFG scale range ``[lo, hi]`` of the DM loss, drawn uniformly per sample (R1: U(2, 8))."""
+    normalizer_eps: float = 0.0
+    """Added to the per-sample normaliser ``mean|x − x̂_real|`` (0 in the original, spec N4)."""
+
+
+@dataclass
+class FakeConfig:
+    """Fake-score (denoising) loss (spec §5)."""
+
+    timesteps: TimestepSampling = field(
+        default_factory=lambda: TimestepSampling("logit_normal", "descending", 0, 999)
+    )
+    """Noise level of the fake-score loss: logit-normal index into the shifted descending table."""
+
+
+@dataclass
+class IDAConfig:
+    """Implicit distribution alignment (Eq. 9, spec §6)."""
+
+    enabled: bool = True
+    """Blend the fake score towards the generator after each generator step."""
+    lam: float = 0.98
+    """λ in ``φ ← λ·φ + (1 − λ)·θ`` (R1 0.98, R2 0.97)."""
+
+
+@dataclass
+class ISGConfig:
+    """Intra-segment guidance (Eq. 12, spec §7)."""
+
+    weight: float = 0.5
+    """λ_ISG in the generator loss (R1 0.5, R2 1.0); 0 disables ISG."""
+    guidance: list[float] = field(default_factory=lambda: [2.0, 4.0])
+    """Teacher CFG scale range of the ISG teacher step (R1 U(2, 4); R2 [5, 5])."""
+    margin: int = 50
+    """Distance, in grid units, of the intermediate point from both segment ends (SD3.5: 50 indices)."""
+    loss: str = "pseudo_huber"
+    """``pseudo_huber`` (released code) or ``l2`` (the paper's Eq. 12)."""
+    huber_c: float = 0.001
+    """Pseudo-Huber constant c."""
+
+
+@dataclass
+class GANConfig:
+    """Adversarial term with the VFM discriminator (spec §8.7)."""
+
+    weight: float = 0.1
+    """λ_adv of the generator's hinge loss (R1/R2 0.1); 0 disables the discriminator entirely."""
+    time_weight: str = "signal_squared"
+    """Per-sample weight by generator anchor: ``signal_squared`` (α², the paper's (1 − σ)²), ``signal`` (α), ``none``."""
+
+
+@dataclass
+class DistillConfig:
+    """The SenseFlow/DMD algorithm (spec §1-§8)."""
+
+    generator_period: int = 10
+    """P: the generator is updated when ``iteration % P == 0`` (TTUR; R1 10, R2 5)."""
+    backsim_prob: float = 0.5
+    """Probability of building the generator input by backward simulation instead of noising real latents."""
+    timestep_grid: str = "ascending_index"
+    """Integer grid of anchors and ISG margins: ``ascending_index`` (SD3.5), ``t1000`` (FLUX), ``ddpm`` (SDXL)."""
+    anchors: list[int] = field(default_factory=lambda: [999, 749, 499, 249])
+    """Generator anchors on ``timestep_grid``, noisiest first (SD3.5: σ = 1.0, 0.9, 0.75, 0.5)."""
+    dm: DMConfig = field(default_factory=DMConfig)
+    """Distribution-matching loss."""
+    fake: FakeConfig = field(default_factory=FakeConfig)
+    """Fake-score loss."""
+    ida: IDAConfig = field(default_factory=IDAConfig)
+    """Implicit distribution alignment."""
+    isg: ISGConfig = field(default_factory=ISGConfig)
+    """Intra-segment guidance."""
+    gan: GANConfig = field(default_factory=GANConfig)
+    """Adversarial (VFM discriminator) term."""
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW settings shared by the generator, fake score and discriminator heads (spec §12.1)."""
+
+    name: str = "adamw"
+    """``adamw`` (torch) or ``adamw8bit`` (torchao's 8-bit AdamW; R2 and R3 use 8-bit states)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam β₁, β₂."""
+    eps: float = 1e-8
+    """Adam ε."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+
+
+@dataclass
+class LRSchedulerConfig:
+    """Warm-up then constant (spec §12.2): ``lr(n) = lr_start + (lr_max − lr_start)·n/warm_up_steps``."""
+
+    warm_up_steps: int = 500
+    """Scheduler steps of linear warm-up."""
+    lr_start: float = 1e-6
+    """Learning rate at step 0."""
+    lr_max: float = 1e-6
+    """Learning rate after warm-up."""
+
+
+@dataclass
+class PrecisionConfig:
+    """Dtypes (spec §12.4). Trained nets keep fp32 master weights."""
+
+    compute: str = "bf16"
+    """Forward/backward compute dtype of the trained transformers (``bf16`` or ``fp32``)."""
+    teacher: str = "bf16"
+    """Weight dtype of the frozen teacher."""
+    text_encoders: str = "bf16"
+    """Weight dtype of the teacher's text encoders (the original used fp32)."""
+    vae: str = "fp32"
+    """Weight dtype of the VAE."""
+    fsdp_mixed: bool = True
+    """FSDP2 all-gathers trained weights in the compute dtype (fast); false keeps fp32 weights under
+    autocast as the original did (required by ``compat.generator_fp32_when_no_grad``)."""
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, batch, seeds and intervals."""
+
+    iter_num: int = 30000
+    """Total loop iterations (fake-score steps); the generator steps every ``generator_period``."""
+    batch_size: int = 1
+    """Images per GPU."""
+    resolution: int = 1024
+    """Training image resolution (square)."""
+    seed: int = 71801
+    """Seed of all random streams (control flow shared by ranks, noise per rank)."""
+    grad_clip: float = 1.0
+    """Global L2 gradient-norm clip of the generator, fake score and discriminator heads."""
+    save_interval: int = 3000
+    """Write a checkpoint every this many iterations (and at the end)."""
+    log_interval: int = 10
+    """Write averaged metrics every this many iterations."""
+    image_interval: int = 500
+    """Write an image strip (generator, teacher x0, fake x0, real) every this many iterations; 0 = never."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cuda`` or ``cpu``."""
+
+
+@dataclass
+class DataConfig:
+    """Data loading."""
+
+    num_workers: int = 4
+    """DataLoader worker processes per rank."""
+    on_error: str = "skip"
+    """Corrupt image during training: ``skip`` (warn, count, take the next entry) or ``raise``."""
+    check_paths: bool = True
+    """Verify at start-up that every image path exists."""
+    shuffle: bool = True
+    """Shuffle each epoch (with the run seed and the epoch number)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoint writing and rotation."""
+
+    keep_last: int = 2
+    """Full training states to keep (older ones are deleted)."""
+    keep_last_exports: int = 0
+    """``ckpt_model_{iter}.pth`` generator files to keep; 0 keeps all."""
+    export_generator: bool = True
+    """Write ``ckpt_model_{iter}.pth`` (``{"model": state_dict}``) next to each training state."""
+
+
+@dataclass
+class LogConfig:
+    """Metrics and images."""
+
+    progress_bar: bool = True
+    """Show a progress bar on rank 0."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars (needs the tensorboard package)."""
+    trace_data: bool = False
+    """Write the dataset keys each rank consumes to ``data_trace_rank{r}.jsonl`` (debugging/tests)."""
+
+
+@dataclass
+class CompatConfig:
+    """Switches restoring behaviours of the original implementation (spec Appendix B)."""
+
+    d_grad_leak: bool = False
+    """B1: the D step also applies the generator's adversarial gradient on generator steps."""
+    sd35_gan_weight_legacy: bool = True
+    """B13: SD3.5 GAN time weight ``(Σ↓[a])²`` (descending table at the ascending anchor index)."""
+    sd35_isg_last_sigma_legacy: bool = True
+    """N2: the last ISG segment ends at ``Σ↑[0] = 0.002994`` instead of 0 (ascending_index grid only)."""
+    shared_noise_across_ranks: bool = False
+    """B12: every rank draws identical noise."""
+    lr_schedule_per_iteration: bool = True
+    """Advance the generator's LR schedule every iteration (original), not only on generator steps."""
+    no_image_resize: bool = False
+    """B8: use dataset images as they are (they must already be ``resolution`` square)."""
+    reference_is_real_input: bool = True
+    """B15: the discriminator's reference image is the real image paired with the caption."""
+    generator_fp32_when_no_grad: bool = False
+    """N5: run the generator in fp32 without autocast on non-generator iterations and in backward simulation."""
+
+
+@dataclass
+class Config:
+    """A complete run configuration."""
+
+    recipe: str = "sd35_medium_senseflow"
+    """Name of the recipe, for logs and output folders."""
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    """Local paths."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Teacher family and component construction."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """The algorithm."""
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    """VFM discriminator architecture."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimiser."""
+    lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
+    """Learning-rate schedule (identical for all optimisers)."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Dtypes."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data loading."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Logging."""
+    compat: CompatConfig = field(default_factory=CompatConfig)
+    """Original-behaviour switches."""
+
+
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _check_value(value: Any, tp: Any, where: str) -> Any:
+    """Validate/convert ``value`` against the annotation ``tp``; ``where`` names the key for errors."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(value, inner[0], where)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_check_value(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            # YAML reads 1e-6 (no dot) as a string; accept numeric strings
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict, where: str, source: str) -> Any:
+    """Instantiate dataclass ``cls`` from a nested dict, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{where or 'top level'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(
+                f"{source}: unknown key '{dotted}' (valid keys here: {', '.join(sorted(names))})"
+            )
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            kwargs[key] = _build(tp, value, dotted, source)
+        else:
+            kwargs[key] = _check_value(value, tp, f"{source}: {dotted}")
+    return cls(**kwargs)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML file, resolving ``base: other.yaml`` (relative to the file) recursively."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(_read_yaml((path.parent / base).resolve(), (*seen, path)), data)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. train.iter_num=10)")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config, apply dotted ``key=value`` overrides, validate and return a :class:`Config`."""
+    path = Path(path).resolve()
+    data = _read_yaml(path)
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: '{k}' is not a section")
+        node[keys[-1]] = value
+    source = str(path) + (" (with command-line overrides)" if overrides else "")
+    cfg = _build(Config, data, "", source)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    """Cross-field checks; each error names the key to change."""
+
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"{source}: {key}: {msg}")
+
+    if cfg.model.family not in ("sd3",):
+        fail("model.family", f"unknown family {cfg.model.family!r} (supported: sd3)")
+    if not cfg.paths.pretrained_model:
+        fail("paths.pretrained_model", "is empty; set it to the teacher folder (diffusers layout)")
+    if not cfg.paths.dataset:
+        fail("paths.dataset", "is empty; set it to the JSON dataset file")
+    d = cfg.distill
+    if d.generator_period < 1:
+        fail("distill.generator_period", "must be >= 1")
+    if not 0.0 <= d.backsim_prob <= 1.0:
+        fail("distill.backsim_prob", "must be in [0, 1]")
+    if d.timestep_grid not in ("ascending_index", "t1000", "ddpm"):
+        fail("distill.timestep_grid", "must be ascending_index, t1000 or ddpm")
+    if len(d.anchors) < 1 or any(a <= b for a, b in zip(d.anchors, d.anchors[1:])):
+        fail("distill.anchors", f"must be strictly decreasing (noisiest first), got {d.anchors}")
+    for key, ts in (("distill.dm.timesteps", d.dm.timesteps), ("distill.fake.timesteps", d.fake.timesteps)):
+        if ts.dist not in ("uniform", "logit_normal"):
+            fail(f"{key}.dist", "must be uniform or logit_normal")
+        if ts.table not in ("ascending", "descending"):
+            fail(f"{key}.table", "must be ascending or descending")
+        if not 0 <= ts.min_index <= ts.max_index <= 999:
+            fail(key, f"need 0 <= min_index <= max_index <= 999, got {ts.min_index}..{ts.max_index}")
+    for key, rng in (("distill.dm.guidance", d.dm.guidance), ("distill.isg.guidance", d.isg.guidance)):
+        if len(rng) != 2 or rng[0] > rng[1]:
+            fail(key, f"must be [lo, hi] with lo <= hi, got {rng}")
+    if not 0.0 <= d.ida.lam <= 1.0:
+        fail("distill.ida.lam", "must be in [0, 1]")
+    if d.isg.loss not in ("pseudo_huber", "l2"):
+        fail("distill.isg.loss", "must be pseudo_huber or l2")
+    if d.isg.weight > 0:
+        gaps = [a - b for a, b in zip(d.anchors, [*d.anchors[1:], 0])]
+        if min(gaps) <= 2 * d.isg.margin:
+            fail(
+                "distill.isg.margin",
+                f"{d.isg.margin} leaves no intermediate point in a segment of {min(gaps)}",
+            )
+    if d.gan.time_weight not in ("signal_squared", "signal", "none"):
+        fail("distill.gan.time_weight", "must be signal_squared, signal or none")
+    cfg.discriminator.validate()
+    if d.gan.weight > 0:
+        for key in ("dino", "clip"):
+            if not getattr(cfg.paths, key):
+                fail(f"paths.{key}", "is empty but the GAN term is on; set it or set distill.gan.weight=0")
+    for key in ("compute", "teacher", "text_encoders", "vae"):
+        if getattr(cfg.precision, key) not in DTYPES:
+            fail(f"precision.{key}", f"must be one of {', '.join(DTYPES)}")
+    if cfg.optimizer.name not in ("adamw", "adamw8bit"):
+        fail("optimizer.name", "must be adamw or adamw8bit")
+    if (
+        cfg.compat.generator_fp32_when_no_grad
+        and cfg.precision.fsdp_mixed
+        and cfg.precision.compute != "fp32"
+    ):
+        fail(
+            "precision.fsdp_mixed",
+            "must be false with compat.generator_fp32_when_no_grad (fp32 weights needed)",
+        )
+    t = cfg.train
+    for key in ("iter_num", "batch_size", "resolution", "save_interval", "log_interval"):
+        if getattr(t, key) < 1:
+            fail(f"train.{key}", "must be >= 1")
+    if t.device not in ("auto", "cuda", "cpu"):
+        fail("train.device", "must be auto, cuda or cpu")
+    if cfg.data.on_error not in ("skip", "raise"):
+        fail("data.on_error", "must be skip or raise")
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain nested dicts (for YAML dumps and logs)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

@@ -1,0 +1,536 @@
+"""The one distillation engine: generator / fake-score / discriminator steps (SenseFlow Alg. 1, spec §1.2).
+
+Per iteration ``k`` (starting at 1):
+
+1. control-flow draws shared by all ranks: generator step ``k % P == 0`` (TTUR), backward simulation
+   or noised real latents, the number of simulated steps;
+2. the generator input at an anchor (spec §3);
+3. on generator steps: ISG (Eq. 12), DM (spec §4) and the adversarial term, one backward, clip, step,
+   then IDA (Eq. 9); otherwise one generator forward without gradient;
+4. every iteration: the fake-score step on the detached sample (spec §5) and the discriminator step.
+
+Everything family-specific lives in the adapter; everything numeric in ``schedules`` and ``losses``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from .adapters import build_adapter
+from .checkpoint import CheckpointManager
+from .config import Config
+from .data.json_dataset import InfiniteLoader, JsonImageDataset
+from .data.tiny import is_tiny, resolve_tiny
+from .distributed import DistInfo
+from .errors import ConfigError
+from .losses.dm import distribution_matching_loss
+from .losses.fake_score import fake_score_loss
+from .losses.ida import implicit_distribution_alignment_
+from .losses.isg import intra_segment_guidance_loss
+from .metrics import MetricsSink, image_grid
+from .parallel import DTYPE, full_state_dict, reshard
+from .schedules import sample_table_index
+
+logger = logging.getLogger(__name__)
+
+
+class RandomStreams:
+    """The run's random streams (spec §12.6; fixes B12).
+
+    * ``control`` (CPU, same seed on every rank): decisions that change which collectives run —
+      generator step, backward simulation and its step count — so sharded models never diverge.
+    * ``noise`` (on the device, seed + 1 + rank): every tensor draw (noise, timesteps, anchors, guidance
+      scales, ISG points, VAE posterior, augmentation), so ranks see different samples. With
+      ``compat.shared_noise_across_ranks`` all ranks use the same seed, as in the original.
+    * Python's and NumPy's global generators are seeded too (per rank), for library code.
+    """
+
+    def __init__(self, seed: int, rank: int, device: torch.device, shared_noise: bool):
+        self.control = torch.Generator().manual_seed(seed)
+        self.noise = torch.Generator(device=device).manual_seed(seed + 1 + (0 if shared_noise else rank))
+        random.seed(seed + rank)
+        np.random.seed((seed + rank) % 2**32)
+
+    def state_dict(self) -> dict[str, Any]:
+        """States of all streams (tensors and plain Python objects only)."""
+        return {
+            "control": self.control.get_state(),
+            "noise": self.noise.get_state(),
+            "python": random.getstate(),
+            "numpy": _numpy_state_to_torch(np.random.get_state()),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore the streams saved by :meth:`state_dict`."""
+        self.control.set_state(sd["control"])
+        self.noise.set_state(sd["noise"])
+        random.setstate(_tuplify(sd["python"]))
+        name, key, pos, has_gauss, gauss = sd["numpy"]
+        np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def _numpy_state_to_torch(state):
+    """NumPy's legacy RNG state with its key array as a tensor (loadable with ``weights_only=True``)."""
+    name, key, pos, has_gauss, gauss = state
+    return (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss)
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def _adamw8bit(params, kwargs) -> torch.optim.Optimizer:
+    """torchao's 8-bit AdamW (block-wise quantised states; works with FSDP2 DTensor parameters)."""
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError:
+        raise ConfigError("optimizer.name: adamw8bit needs torchao (pip install torchao)") from None
+    return AdamW8bit(params, **kwargs)
+
+
+def warmup_constant(lr_start: float, lr_max: float, warm_up: int):
+    """LR multiplier (relative to ``lr_max``) of the warm-up-then-constant schedule (spec §12.2)."""
+
+    def factor(n: int) -> float:
+        lr = lr_start + (lr_max - lr_start) * n / warm_up if n < warm_up else lr_max
+        return lr / lr_max if lr_max > 0 else 0.0
+
+    return factor
+
+
+@dataclass
+class Trainee:
+    """A trained network with its optimiser and LR schedule."""
+
+    net: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    params: list[nn.Parameter] = field(default_factory=list)
+
+
+class Engine:
+    """Builds everything for a run and trains it (see the module docstring)."""
+
+    def __init__(self, cfg: Config, info: DistInfo, save_dir: str | Path):
+        self.cfg = cfg
+        self.info = info
+        self.device = info.device
+        self.save_dir = Path(save_dir)
+        self.d = cfg.distill
+        self.rng = RandomStreams(cfg.train.seed, info.rank, info.device, cfg.compat.shared_noise_across_ranks)
+        self.compute_dtype = DTYPE[cfg.precision.compute]
+
+        self._build_data()
+        self.adapter = build_adapter(cfg, info)
+        self.schedule = self.adapter.schedule
+        self.latent_shape = self.adapter.latent_shape(cfg.train.resolution)
+        t0 = time.time()
+        generator, fake, self.teacher = self.adapter.build_networks()
+        logger.info("built generator, fake score and teacher in %.1fs", time.time() - t0)
+        self.G = self._trainee(generator)
+        self.F = self._trainee(fake)
+        self.D = None  # the VFM discriminator's slot (heads, optimiser, schedule)
+        self.disc = None
+
+        grid = torch.tensor(self.d.anchors, dtype=torch.long)
+        self.anchor_grid = grid.to(self.device)
+        self.anchor_levels = self.schedule.grid_to_level(self.anchor_grid, self.d.timestep_grid)
+        self.ckpt = CheckpointManager(
+            self.save_dir, info, cfg.checkpoint.keep_last, cfg.checkpoint.keep_last_exports
+        )
+        self.metrics = MetricsSink(self.save_dir, info.is_main, cfg.log.tensorboard)
+        self.iteration = 0
+        self.counters = {"skipped_images": 0, "nonfinite_gen": 0, "nonfinite_fake": 0, "nonfinite_disc": 0}
+
+    # --- construction -------------------------------------------------------------------------------
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        spec = cfg.paths.dataset
+        path = resolve_tiny(spec) if is_tiny(spec) else Path(spec).expanduser()
+        self.dataset = JsonImageDataset(
+            path,
+            cfg.train.resolution,
+            resize=not cfg.compat.no_image_resize,
+            on_error=cfg.data.on_error,
+            check_paths=cfg.data.check_paths,
+        )
+        self.loader = InfiniteLoader(
+            self.dataset,
+            cfg.train.batch_size,
+            self.info.rank,
+            self.info.world_size,
+            seed=cfg.train.seed,
+            num_workers=cfg.data.num_workers,
+            shuffle=cfg.data.shuffle,
+        )
+        logger.info(
+            "dataset %s: %d images, %d batches per epoch per rank",
+            path,
+            len(self.dataset),
+            self.loader.batches_per_epoch,
+        )
+
+    def _optimizer(self, params: list[nn.Parameter]) -> tuple[torch.optim.Optimizer, Any]:
+        o, s = self.cfg.optimizer, self.cfg.lr_scheduler
+        kwargs = {"lr": s.lr_max, "betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+        if o.name == "adamw8bit":
+            opt = _adamw8bit(params, kwargs)
+        else:
+            opt = torch.optim.AdamW(params, fused=self.device.type == "cuda", **kwargs)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(s.lr_start, s.lr_max, s.warm_up_steps))
+        return opt, sched
+
+    def _trainee(self, net: nn.Module, params: list[nn.Parameter] | None = None) -> Trainee:
+        params = params if params is not None else [p for p in net.parameters() if p.requires_grad]
+        opt, sched = self._optimizer(params)
+        return Trainee(net, opt, sched, params)
+
+    # --- small helpers ------------------------------------------------------------------------------
+
+    def _amp(self, enabled: bool = True):
+        """bf16 autocast region (spec §12.4); a no-op in fp32."""
+        on = enabled and self.compute_dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=on)
+
+    def _randn(self, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.rng.noise, device=self.device)
+
+    def _uniform(self, lo_hi: list[float], n: int) -> torch.Tensor:
+        lo, hi = lo_hi
+        return lo + (hi - lo) * torch.rand(n, generator=self.rng.noise, device=self.device)
+
+    def _sample_levels(self, ts, n: int) -> torch.Tensor:
+        idx = sample_table_index(n, ts.dist, ts.min_index, ts.max_index, self.rng.noise, self.device)
+        return self.schedule.table_level(idx, ts.table)
+
+    def _step(self, t: Trainee, loss: torch.Tensor, name: str) -> torch.Tensor:
+        """Backward, global-norm clip, step unless the gradient is non-finite (spec §12.3, N7), zero."""
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(t.params, self.cfg.train.grad_clip)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        if torch.isfinite(norm):
+            t.opt.step()
+        else:
+            self.counters[f"nonfinite_{name}"] += 1
+            logger.warning(
+                "non-finite %s gradient norm at iteration %d: step skipped", name, self.iteration + 1
+            )
+        t.opt.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    def _gen_pred(self, x: torch.Tensor, level: torch.Tensor, cond, grad: bool) -> torch.Tensor:
+        """Generator prediction; no-grad passes may run in fp32 (compat N5)."""
+        if grad:
+            with self._amp():
+                return self.adapter.forward(self.G.net, x, level, cond)
+        with torch.no_grad(), self._amp(not self.cfg.compat.generator_fp32_when_no_grad):
+            return self.adapter.forward(self.G.net, x, level, cond)
+
+    def _teacher_x0_fn(self, cond, uncond, scale):
+        def fn(x_t, level):
+            with self._amp():
+                pred = self.adapter.guided(self.teacher, x_t, level, cond, uncond, scale)
+            return self.schedule.x0_from_pred(x_t, pred, level)
+
+        return fn
+
+    def _fake_x0_fn(self, cond):
+        def fn(x_t, level):
+            with self._amp():
+                pred = self.adapter.forward(self.F.net, x_t, level, cond)
+            return self.schedule.x0_from_pred(x_t, pred, level)
+
+        return fn
+
+    # --- generator input (spec §3) ------------------------------------------------------------------
+
+    def generator_input(self, x0_real: torch.Tensor | None, cond, backsim_steps: int | None, batch: int):
+        """Return ``(x_in, anchor_idx)``: backward simulation for ``backsim_steps`` anchors, or noised
+        real latents at a per-sample random anchor when ``backsim_steps`` is None."""
+        n = batch
+        if backsim_steps is not None:
+            x_hat = self._randn((n, *self.latent_shape))
+            for i in range(backsim_steps):
+                level = self.anchor_levels[i].expand(n)
+                x = self.schedule.add_noise(x_hat, self._randn(x_hat.shape), level)
+                x_hat = self.schedule.x0_from_pred(x, self._gen_pred(x, level, cond, grad=False), level)
+            anchor_idx = torch.full((n,), backsim_steps, device=self.device, dtype=torch.long)
+        else:
+            x_hat = x0_real
+            anchor_idx = torch.randint(
+                0, len(self.d.anchors), (n,), generator=self.rng.noise, device=self.device
+            )
+        level = self.anchor_levels[anchor_idx]
+        return self.schedule.add_noise(x_hat, self._randn(x_hat.shape), level), anchor_idx
+
+    def isg_levels(self, anchor_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample intermediate and end levels of each sample's segment (spec §7.1 steps 1-2)."""
+        grid_prev_all = torch.cat([self.anchor_grid[1:], self.anchor_grid.new_zeros(1)])
+        grid_now, grid_prev = self.anchor_grid[anchor_idx], grid_prev_all[anchor_idx]
+        lo, hi = grid_prev + self.d.isg.margin, grid_now - self.d.isg.margin
+        u = torch.rand(anchor_idx.shape, generator=self.rng.noise, device=self.device)
+        grid_mid = lo + (u * (hi - lo + 1)).floor().long().clamp(max=(hi - lo))
+        kind = self.d.timestep_grid
+        level_mid = self.schedule.grid_to_level(grid_mid, kind)
+        level_prev = self.schedule.grid_to_level(grid_prev, kind)
+        if kind == "ascending_index" and not self.cfg.compat.sd35_isg_last_sigma_legacy:
+            is_last = anchor_idx == len(self.d.anchors) - 1
+            level_prev = torch.where(
+                is_last, torch.full_like(level_prev, self.schedule.clean_level), level_prev
+            )
+        return level_mid, level_prev
+
+    # --- one iteration ------------------------------------------------------------------------------
+
+    def run_iteration(self, k: int, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Train one loop iteration ``k`` on ``batch``; returns its metrics (device tensors)."""
+        d = self.d
+        gen_step = k % d.generator_period == 0
+        backsim = torch.rand(1, generator=self.rng.control).item() < d.backsim_prob
+        steps = int(torch.randint(0, len(d.anchors), (1,), generator=self.rng.control)) if backsim else None
+        prompts = list(batch["prompt"])
+        n = len(prompts)
+        images = batch["image"].to(self.device, non_blocking=True)
+        with torch.no_grad():
+            cond = self.adapter.encode_prompts(prompts)
+            uncond = self.adapter.empty_cond(n)
+            x0_real = None if backsim else self.adapter.encode_images(images, self.rng.noise)
+        x_in, anchor_idx = self.generator_input(x0_real, cond, steps, n)
+        level = self.anchor_levels[anchor_idx]
+        metrics: dict[str, torch.Tensor] = {"gen/backsim": torch.tensor(float(backsim))}
+
+        if gen_step:
+            x0_gen, m = self.generator_step(x_in, level, anchor_idx, cond, uncond)
+            metrics.update(m)
+        else:
+            x0_gen = self.schedule.x0_from_pred(x_in, self._gen_pred(x_in, level, cond, grad=False), level)
+        if gen_step or self.cfg.compat.lr_schedule_per_iteration:
+            with warnings.catch_warnings():  # stepping the schedule without an optimiser step is intended
+                warnings.filterwarnings(
+                    "ignore", message="Detected call of `lr_scheduler.step", category=UserWarning
+                )
+                self.G.sched.step()
+        metrics.update(self.fake_step(x0_gen.detach(), cond))
+        metrics["lr"] = torch.tensor(self.F.sched.get_last_lr()[0])
+        if self.cfg.train.image_interval and k % self.cfg.train.image_interval == 0:
+            self.save_images(k, x_in, level, x0_gen, cond, uncond, images)
+        return metrics
+
+    def generator_step(self, x_in, level, anchor_idx, cond, uncond) -> tuple[torch.Tensor, dict]:
+        """ISG + DM (+ GAN) loss, one backward and step of ``G``, then IDA (spec §1.2 steps 4-7)."""
+        d = self.d
+        n = x_in.shape[0]
+        pred = self._gen_pred(x_in, level, cond, grad=True)
+        x0 = self.schedule.x0_from_pred(x_in, pred, level)
+        metrics: dict[str, torch.Tensor] = {}
+        loss = torch.zeros((), device=self.device)
+        if d.isg.weight > 0:
+            level_mid, level_prev = self.isg_levels(anchor_idx)
+            scale = self._uniform(d.isg.guidance, n)
+
+            def teacher_pred(x, lv):
+                with self._amp():
+                    return self.adapter.guided(self.teacher, x, lv, cond, uncond, scale)
+
+            isg, m = intra_segment_guidance_loss(
+                x_in,
+                pred,
+                level,
+                level_mid,
+                level_prev,
+                teacher_pred_fn=teacher_pred,
+                # called under no_grad inside the loss; bf16 autocast as the original (spec §7.1)
+                generator_pred_fn=lambda x, lv: self._gen_pred(x, lv, cond, grad=True),
+                step_fn=self.schedule.step,
+                kind=d.isg.loss,
+                c=d.isg.huber_c,
+            )
+            loss = loss + d.isg.weight * isg
+            metrics.update(m)
+        dm, m = distribution_matching_loss(
+            x0,
+            self._randn(x0.shape),
+            self._sample_levels(d.dm.timesteps, n),
+            self.schedule.add_noise,
+            real_x0_fn=self._teacher_x0_fn(cond, uncond, self._uniform(d.dm.guidance, n)),
+            fake_x0_fn=self._fake_x0_fn(cond),
+            normalizer_eps=d.dm.normalizer_eps,
+        )
+        loss = loss + dm
+        metrics.update(m)
+        metrics["loss/gen"] = loss.detach()
+        metrics["grad_norm/gen"] = self._step(self.G, loss, "gen")
+        self.F.opt.zero_grad(set_to_none=True)
+        if d.ida.enabled:
+            reshard(self.F.net, self.G.net)
+            implicit_distribution_alignment_(self.F.net, self.G.net, d.ida.lam)
+        return x0.detach(), metrics
+
+    def fake_step(self, x0_gen: torch.Tensor, cond) -> dict[str, torch.Tensor]:
+        """Denoising step of the fake score on detached generator samples (spec §5)."""
+        n = x0_gen.shape[0]
+
+        def pred_fn(x, lv):
+            with self._amp():
+                return self.adapter.forward(self.F.net, x, lv, cond)
+
+        loss, metrics = fake_score_loss(
+            x0_gen,
+            self._randn(x0_gen.shape),
+            self._sample_levels(self.d.fake.timesteps, n),
+            self.schedule.add_noise,
+            pred_fn,
+            self.schedule.pred_target,
+        )
+        metrics["grad_norm/fake"] = self._step(self.F, loss, "fake")
+        self.F.sched.step()
+        return metrics
+
+    # --- images -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def save_images(self, k, x_in, level, x0_gen, cond, uncond, images) -> None:
+        """Strip of generator output, teacher x0, fake x0 (at the generator's input) and real images.
+
+        Every rank runs the forwards (they are collectives under FSDP); rank 0 writes the PNG.
+        """
+        n = x_in.shape[0]
+        scale = torch.full((n,), sum(self.d.dm.guidance) / 2, device=self.device)
+        x0_teacher = self._teacher_x0_fn(cond, uncond, scale)(x_in, level)
+        x0_fake = self._fake_x0_fn(cond)(x_in, level)
+        rows = [self.adapter.decode_latents(z) for z in (x0_gen, x0_teacher, x0_fake)]
+        if self.info.is_main:
+            out = self.save_dir / "images"
+            out.mkdir(exist_ok=True)
+            grid = image_grid([*rows, images.float()], ["generator", "teacher x0", "fake x0", "real"])
+            grid.save(out / f"iter_{k:07d}.png")
+
+    # --- checkpointing ------------------------------------------------------------------------------
+
+    def _dcp_state(self) -> dict[str, Any]:
+        """Sharded states of every trained net and optimiser (torch.distributed.checkpoint)."""
+        reshard(self.G.net, self.F.net)
+        state = {}
+        for name, t in self._trainees().items():
+            state[name] = get_model_state_dict(t.net)
+            state[f"opt_{name}"] = get_optimizer_state_dict(t.net, t.opt)
+        return state
+
+    def _trainees(self) -> dict[str, Trainee]:
+        return {"generator": self.G, "fake": self.F, **({"disc": self.D} if self.D is not None else {})}
+
+    def _common_state(self) -> dict[str, Any]:
+        """State identical on every rank (written once by rank 0)."""
+        return {
+            "iteration": self.iteration,
+            "loader": self.loader.state_dict(),
+            "schedulers": {name: t.sched.state_dict() for name, t in self._trainees().items()},
+            "counters": dict(self.counters),
+        }
+
+    def save_checkpoint(self) -> None:
+        """Collective: write the full training state and the exported generator."""
+        export = full_state_dict(self.G.net) if self.cfg.checkpoint.export_generator else None
+        self.ckpt.save(
+            self.iteration,
+            self._dcp_state(),
+            common=self._common_state(),
+            per_rank={"rng": self.rng.state_dict()},
+            meta={"recipe": self.cfg.recipe, "time": time.time()},
+            export=export if self.info.is_main else None,
+        )
+
+    def resume(self) -> bool:
+        """Load the newest complete training state, if any; returns whether it resumed."""
+        path = self.ckpt.latest()
+        if path is None:
+            return False
+        state = self._dcp_state()
+        common, per_rank, meta = self.ckpt.load(path, state)
+        for name, t in self._trainees().items():
+            set_model_state_dict(t.net, state[name])
+            set_optimizer_state_dict(t.net, t.opt, state[f"opt_{name}"])
+            t.sched.load_state_dict(common["schedulers"][name])
+        self.iteration = int(common["iteration"])
+        self.counters.update(common["counters"])
+        if per_rank is not None:
+            self.rng.load_state_dict(per_rank["rng"])
+            self.loader.load_state_dict(common["loader"])
+        else:
+            # resumed on a different world size: fresh streams derived from the step, next epoch
+            self.rng = RandomStreams(
+                self.cfg.train.seed + self.iteration,
+                self.info.rank,
+                self.device,
+                self.cfg.compat.shared_noise_across_ranks,
+            )
+            self.loader.load_state_dict({"epoch": common["loader"]["epoch"] + 1, "batches": 0})
+        logger.info("resumed from %s at iteration %d", path, self.iteration)
+        return True
+
+    # --- the loop -----------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """Resume if possible, then iterate to ``train.iter_num`` with logging and checkpoints."""
+        cfg = self.cfg
+        self.resume()
+        trace = None
+        if cfg.log.trace_data:
+            trace = (self.save_dir / f"data_trace_rank{self.info.rank}.jsonl").open("a")
+        bar = None
+        if self.info.is_main and cfg.log.progress_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.train.iter_num, initial=self.iteration, desc=cfg.recipe, dynamic_ncols=True)
+        t_last = time.time()
+        loader = iter(self.loader)
+        try:
+            while self.iteration < cfg.train.iter_num:
+                k = self.iteration + 1
+                batch = next(loader)
+                self.counters["skipped_images"] += int(batch["skipped"].sum())
+                if trace is not None:
+                    trace.write(json.dumps({"iter": k, "keys": list(batch["key"])}) + "\n")
+                metrics = self.run_iteration(k, batch)
+                self.iteration = k
+                self.metrics.add(metrics)
+                if k % cfg.train.log_interval == 0 or k == cfg.train.iter_num:
+                    now = time.time()
+                    record = self.metrics.flush(
+                        k, {"sec_per_iter": (now - t_last) / cfg.train.log_interval, **self.counters}
+                    )
+                    t_last = now
+                    if bar is not None:
+                        bar.set_postfix(
+                            {key: f"{record[key]:.4g}" for key in ("loss/fake", "loss/dm") if key in record}
+                        )
+                if bar is not None:
+                    bar.update(1)
+                if k % cfg.train.save_interval == 0 or k == cfg.train.iter_num:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            if trace is not None:
+                trace.close()
+            self.metrics.close()
+        logger.info("training finished at iteration %d (%s)", self.iteration, self.save_dir)

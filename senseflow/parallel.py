@@ -1,0 +1,130 @@
+"""FSDP2 sharding and memory-lean materialisation of the three transformers (spec §12.5).
+
+``G``, ``F`` and the frozen teacher ``T`` are each sharded with ``fully_shard`` per transformer block
+and then at the root (torchtitan style; the original wrapped every submodule, which issues far more,
+smaller all-gathers). Trained nets keep fp32 master weights and compute in the configured dtype
+through FSDP2's mixed-precision policy; the teacher is stored in its own dtype and needs no policy.
+
+Models are built on the meta device on every rank and filled from a full state dict that only rank 0
+holds (``broadcast_from_rank0``), so host memory does not scale with the number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from .distributed import DistInfo
+
+logger = logging.getLogger(__name__)
+
+DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def mixed_precision_policy(compute: str) -> MixedPrecisionPolicy | None:
+    """bf16/fp16 compute with fp32 gradient reduction; ``None`` for full fp32."""
+    if compute == "fp32":
+        return None
+    return MixedPrecisionPolicy(param_dtype=DTYPE[compute], reduce_dtype=torch.float32)
+
+
+def shard(model: nn.Module, blocks: Iterable[nn.Module], mp_policy: MixedPrecisionPolicy | None) -> nn.Module:
+    """``fully_shard`` each block, then the root (which takes the remaining parameters)."""
+    kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def reshard(*nets: nn.Module) -> None:
+    """Return FSDP2 roots to their sharded parameters.
+
+    FSDP2 keeps a root's parameters unsharded after forward (expecting a backward); after a
+    forward without gradient they would stay unsharded, and shard-wise operations (IDA, state
+    dicts) need the sharded DTensors.
+    """
+    for net in nets:
+        if isinstance(net, FSDPModule):
+            net.reshard()
+
+
+def _meta_params(build: Callable[[], nn.Module]) -> nn.Module:
+    """Construct with parameters on the meta device and buffers real (they are derived from the config)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return build()
+
+
+def build_sharded(
+    build: Callable[[], nn.Module],
+    full_state: dict[str, torch.Tensor] | None,
+    info: DistInfo,
+    *,
+    blocks: Callable[[nn.Module], Iterable[nn.Module]],
+    dtype: torch.dtype,
+    mp_policy: MixedPrecisionPolicy | None,
+    trainable: bool,
+    gradient_checkpointing: bool = False,
+) -> nn.Module:
+    """Build a model skeleton on meta, shard it, allocate local shards and load ``full_state``.
+
+    Args:
+        build: constructs the unsharded model (e.g. ``lambda: Cls.from_config(cfg)``).
+        full_state: the complete state dict on rank 0 (any dtype/device); ignored on other ranks.
+        blocks: returns the modules to shard individually (transformer blocks).
+        dtype: storage dtype of the parameters (fp32 master weights for trained nets).
+        trainable: sets ``requires_grad`` on every parameter.
+    """
+    model = _meta_params(build)
+    nn.Module.to(model, dtype)  # bypass diffusers' override, which warns about fp32-pinned modules
+    model.requires_grad_(trainable)
+    if gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
+        model.enable_gradient_checkpointing()
+    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    shard(model, blocks(model), mp_policy)
+    model.to_empty(device=info.device)
+    for name, buf in buffers.items():
+        model.get_buffer(name).copy_(buf)
+    state = dict(full_state) if info.is_main else {}  # set_model_state_dict consumes its argument
+    set_model_state_dict(
+        model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
+    return model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Gather the unsharded state dict on CPU; the dict is complete on rank 0 and empty elsewhere."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def read_diffusers_weights(folder: Path, prefix: str = "diffusion_pytorch_model") -> dict[str, torch.Tensor]:
+    """Read a diffusers model folder's weights as stored (single or sharded safetensors, or ``.bin``)."""
+    from safetensors.torch import load_file
+
+    single = folder / f"{prefix}.safetensors"
+    index = folder / f"{prefix}.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for name in shards:
+            state.update(load_file(str(folder / name)))
+        return state
+    binary = folder / f"{prefix}.bin"
+    if binary.is_file():
+        return torch.load(binary, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder} holds no {prefix}.safetensors, sharded safetensors or .bin weights")

@@ -1,0 +1,51 @@
+"""Shared fixtures: one tiny-asset cache per test session, and a runner for the real launchers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """A SENSEFLOW_CACHE shared by the session (tiny teachers are built once)."""
+    path = Path(os.environ.get("SENSEFLOW_TEST_CACHE", tmp_path_factory.mktemp("senseflow_cache")))
+    os.environ["SENSEFLOW_CACHE"] = str(path)
+    return path
+
+
+def free_port() -> int:
+    """A TCP port that is free right now on localhost."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cmd(args: list[str], cache: Path, env: dict | None = None, timeout: int = 600):
+    """Run a command from the repo root with the tiny cache; returns the CompletedProcess."""
+    full_env = {**os.environ, "SENSEFLOW_CACHE": str(cache), "PYTHON": sys.executable}
+    for key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        full_env.pop(key, None)
+    full_env.update(env or {})
+    return subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def launch(
+    launcher: str,
+    nnodes: int,
+    nproc: int,
+    config: str,
+    save_dir: Path,
+    *overrides: str,
+    cache: Path,
+    env=None,
+):
+    """Run ``sh <launcher> NNODES NPROC CONFIG SAVE_DIR overrides...``."""
+    return run_cmd(["sh", launcher, str(nnodes), str(nproc), config, str(save_dir), *overrides], cache, env)
