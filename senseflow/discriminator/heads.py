@@ -1,0 +1,136 @@
+"""Projection heads of the VFM discriminator, one per DINOv2 tap (spec §8.4).
+
+Per head, with ``h0`` the tap's feature map (B, width, gh, gw):
+
+* main branch ``SN-Conv(1,1) → BNL → LReLU → [SN-Conv(3,2) → Res(SN-Conv(3,1) → BNL → LReLU)]·(n-1)
+  → SN-Conv(3,2) → SN-Conv(1,1) to cmap_dim``: ``o`` (B, cmap_dim, g', g');
+* reference branch, same layers with separate weights, on the reference image's tap: ``ρ``;
+* text mapper, an equalised-LR linear layer c_dim → cmap_dim: ``κ`` (B, cmap_dim);
+* ``logit(p) = (1/√cmap_dim) · Σ_c o_c(p)·(κ_c + ρ_c(p))`` (projection-discriminator style).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+
+def sn_conv(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
+    """Spectrally normalised conv, circular padding ``k//2``, with bias (one power iteration, ε 1e-12)."""
+    conv = nn.Conv2d(
+        in_ch,
+        out_ch,
+        kernel_size,
+        stride=stride,
+        padding=kernel_size // 2,
+        padding_mode="circular",
+        bias=True,
+    )
+    return spectral_norm(conv, n_power_iterations=1, eps=1e-12, dim=0)
+
+
+class LocalBatchNorm(nn.Module):
+    """BNL ("local batch norm"): batch norm with statistics over groups of at most ``virtual_batch`` samples and all positions.
+
+    The batch is split into ``ceil(B / virtual_batch)`` near-equal consecutive groups; per group and
+    channel the mean and the biased variance are taken over samples and space (ε 1e-5), followed by a
+    learnable affine map. No running statistics: train and eval behave identically. Statistics are
+    computed in float32.
+    """
+
+    def __init__(self, num_features: int, virtual_batch: int = 8, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.virtual_batch = virtual_batch
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = math.ceil(x.shape[0] / self.virtual_batch)
+        chunks = [self._normalize(c) for c in x.float().tensor_split(groups, dim=0)]
+        y = chunks[0] if groups == 1 else torch.cat(chunks, dim=0)
+        y = y * self.weight.view(1, -1, 1, 1).float() + self.bias.view(1, -1, 1, 1).float()
+        return y.to(x.dtype)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), keepdim=True, unbiased=False)
+        return (x - mean) * torch.rsqrt(var + self.eps)
+
+
+class Residual(nn.Module):
+    """``Res(f)(h) = (f(h) + h)/√2``."""
+
+    def __init__(self, fn: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.fn(x) + x) * (1 / math.sqrt(2))
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with equalised learning rate: weight ~ N(0, 1) scaled by 1/√in at run time, bias 0."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        self.gain = 1 / math.sqrt(in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.gain, self.bias)
+
+
+def _block(width: int, kernel_size: int, virtual_batch: int) -> nn.Sequential:
+    """SN-Conv(k, 1) → BNL → LReLU(0.2)."""
+    return nn.Sequential(
+        sn_conv(width, width, kernel_size), LocalBatchNorm(width, virtual_batch), nn.LeakyReLU(0.2)
+    )
+
+
+def make_branch(width: int, cmap_dim: int, num_downsamples: int = 3, virtual_batch: int = 8) -> nn.Sequential:
+    """One head branch (main or reference), ending with the spectral-normalised 1×1 conv to ``cmap_dim``."""
+    layers: list[nn.Module] = [_block(width, 1, virtual_batch)]
+    for i in range(num_downsamples):
+        layers.append(sn_conv(width, width, 3, stride=2))
+        if i < num_downsamples - 1:
+            layers.append(Residual(_block(width, 3, virtual_batch)))
+    layers.append(sn_conv(width, cmap_dim, 1))
+    return nn.Sequential(*layers)
+
+
+def downsampled_size(size: int, num_downsamples: int = 3) -> int:
+    """Grid side after the stride-2, padding-1, kernel-3 convs: 73 → 37 → 19 → 10."""
+    for _ in range(num_downsamples):
+        size = (size - 1) // 2 + 1
+    return size
+
+
+class DiscHead(nn.Module):
+    """One projection head: ``forward(feat, ref_feat, c)`` -> logits (B, g'·g') (spec §8.4).
+
+    ``feat`` and ``ref_feat`` are (B, width, gh, gw) taps of the image under test and of the reference
+    image; ``c`` is the (B, c_dim) text embedding.
+    """
+
+    def __init__(
+        self, width: int, c_dim: int, cmap_dim: int = 64, num_downsamples: int = 3, virtual_batch: int = 8
+    ) -> None:
+        super().__init__()
+        self.cmap_dim = cmap_dim
+        self.main = make_branch(width, cmap_dim, num_downsamples, virtual_batch)
+        self.ref = make_branch(width, cmap_dim, num_downsamples, virtual_batch)
+        self.cmapper = EqualLinear(c_dim, cmap_dim)
+
+    def forward(self, feat: torch.Tensor, ref_feat: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        o = self.main(feat)  # (B, cmap, g', g')
+        rho = self.ref(ref_feat)  # (B, cmap, g', g')
+        kappa = self.cmapper(c.to(self.cmapper.weight.dtype))  # (B, cmap)
+        # The 64-channel inner product is cheap: do it in float32 so the logits are float32 (spec N8).
+        proj = kappa.float()[:, :, None, None] + rho.float()
+        logits = (o.float() * proj).sum(dim=1) * (1 / math.sqrt(self.cmap_dim))
+        return logits.flatten(1)
