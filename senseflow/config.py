@@ -436,6 +436,8 @@ def validate(cfg: Config, source: str = "config") -> None:
         fail("model.family", f"unknown family {cfg.model.family!r} (supported: sd3)")
     if not cfg.paths.pretrained_model:
         fail("paths.pretrained_model", "is empty; set it to the teacher folder (diffusers layout)")
+    if cfg.paths.pretrained_model.strip().startswith("arch:") and not cfg.model.random_init:
+        fail("model.random_init", "must be true with an arch: teacher (it holds configs, no weights)")
     if not cfg.paths.dataset:
         fail("paths.dataset", "is empty; set it to the JSON dataset file")
     d = cfg.distill

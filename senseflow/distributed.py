@@ -89,6 +89,35 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_tensors_(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` on every rank with rank ``src``'s values (replicated modules)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.broadcast(t.data, src=src)
+
+
+def all_reduce_grads_(params: list[torch.Tensor], bucket_bytes: int = 64 << 20) -> None:
+    """Average the gradients of a replicated module over ranks, in buckets (what DDP does)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    world = dist.get_world_size()
+    grads = [p.grad for p in params if p.grad is not None]
+    bucket, size = [], 0
+    for g in [*grads, None]:
+        if g is not None:
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+        if bucket and (g is None or size >= bucket_bytes):
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat)
+            flat /= world
+            for g_old, g_new in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                g_old.copy_(g_new)
+            bucket, size = [], 0
+
+
 def cleanup() -> None:
     """Destroy the default process group if this process created one."""
     if dist.is_initialized():

@@ -37,11 +37,14 @@ from .adapters import build_adapter
 from .checkpoint import CheckpointManager
 from .config import Config
 from .data.json_dataset import InfiniteLoader, JsonImageDataset
-from .data.tiny import is_tiny, resolve_tiny
-from .distributed import DistInfo
+from .data.tiny import resolve_path
+from .discriminator import VFMDiscriminator
+from .discriminator.diffaug import diff_augment
+from .distributed import DistInfo, all_reduce_grads_, broadcast_tensors_
 from .errors import ConfigError
 from .losses.dm import distribution_matching_loss
 from .losses.fake_score import fake_score_loss
+from .losses.gan import hinge_d_fake, hinge_d_real, hinge_g
 from .losses.ida import implicit_distribution_alignment_
 from .losses.isg import intra_segment_guidance_loss
 from .metrics import MetricsSink, image_grid
@@ -116,6 +119,15 @@ def warmup_constant(lr_start: float, lr_max: float, warm_up: int):
 
 
 @dataclass
+class Adversarial:
+    """Per-iteration discriminator conditioning shared by the generator, real and fake passes."""
+
+    text: torch.Tensor  # (B, c_dim) CLIP text embeddings
+    ref: list[torch.Tensor]  # DINOv2 taps of the reference images
+    weight: torch.Tensor  # (B,) time weight of each sample's anchor
+
+
+@dataclass
 class Trainee:
     """A trained network with its optimiser and LR schedule."""
 
@@ -146,12 +158,12 @@ class Engine:
         logger.info("built generator, fake score and teacher in %.1fs", time.time() - t0)
         self.G = self._trainee(generator)
         self.F = self._trainee(fake)
-        self.D = None  # the VFM discriminator's slot (heads, optimiser, schedule)
-        self.disc = None
+        self.disc, self.D = self._build_discriminator()
 
         grid = torch.tensor(self.d.anchors, dtype=torch.long)
         self.anchor_grid = grid.to(self.device)
         self.anchor_levels = self.schedule.grid_to_level(self.anchor_grid, self.d.timestep_grid)
+        self.gan_weights = self._gan_time_weights()
         self.ckpt = CheckpointManager(
             self.save_dir, info, cfg.checkpoint.keep_last, cfg.checkpoint.keep_last_exports
         )
@@ -164,7 +176,7 @@ class Engine:
     def _build_data(self) -> None:
         cfg = self.cfg
         spec = cfg.paths.dataset
-        path = resolve_tiny(spec) if is_tiny(spec) else Path(spec).expanduser()
+        path = resolve_path(spec)
         self.dataset = JsonImageDataset(
             path,
             cfg.train.resolution,
@@ -187,6 +199,32 @@ class Engine:
             len(self.dataset),
             self.loader.batches_per_epoch,
         )
+
+    def _build_discriminator(self) -> tuple[VFMDiscriminator | None, Trainee | None]:
+        """The VFM discriminator (frozen DINOv2 + CLIP, trainable heads replicated on every rank)."""
+        cfg = self.cfg
+        if cfg.distill.gan.weight <= 0:
+            return None, None
+        torch.manual_seed(cfg.train.seed)  # identical heads on every rank (also broadcast below)
+        disc = VFMDiscriminator(
+            cfg.discriminator,
+            resolve_path(cfg.paths.dino),
+            resolve_path(cfg.paths.clip),
+            random_init=cfg.model.random_init,
+        ).to(self.device)
+        broadcast_tensors_(list(disc.heads.state_dict().values()))
+        heads = disc.heads
+        return disc, self._trainee(heads, list(disc.trainable_parameters()))
+
+    def _gan_time_weights(self) -> torch.Tensor:
+        """Per-anchor weight ``w`` of the adversarial terms (spec §8.7), noisiest anchor first."""
+        kind = self.d.gan.time_weight
+        if self.d.timestep_grid == "ascending_index" and self.cfg.compat.sd35_gan_weight_legacy:
+            # B13: the descending table indexed with the ascending-table anchor index, squared
+            desc = self.schedule.table_level(self.anchor_grid.clamp(max=999), "descending")
+            return desc.float() ** 2
+        alpha, _ = self.schedule.alpha_sigma(self.anchor_levels)
+        return {"signal_squared": alpha**2, "signal": alpha, "none": torch.ones_like(alpha)}[kind]
 
     def _optimizer(self, params: list[nn.Parameter]) -> tuple[torch.optim.Optimizer, Any]:
         o, s = self.cfg.optimizer, self.cfg.lr_scheduler
@@ -221,9 +259,13 @@ class Engine:
         idx = sample_table_index(n, ts.dist, ts.min_index, ts.max_index, self.rng.noise, self.device)
         return self.schedule.table_level(idx, ts.table)
 
-    def _step(self, t: Trainee, loss: torch.Tensor, name: str) -> torch.Tensor:
-        """Backward, global-norm clip, step unless the gradient is non-finite (spec §12.3, N7), zero."""
-        loss.backward()
+    def _step(self, t: Trainee, losses: list[torch.Tensor], name: str, average: bool = False) -> torch.Tensor:
+        """Backward of each loss, global-norm clip, step unless the gradient is non-finite (spec §12.3,
+        N7), zero. ``average`` all-reduces the gradients of replicated (non-FSDP) nets over ranks."""
+        for loss in losses:
+            loss.backward()
+        if average:
+            all_reduce_grads_(t.params)
         norm = torch.nn.utils.clip_grad_norm_(t.params, self.cfg.train.grad_clip)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
@@ -317,9 +359,11 @@ class Engine:
         x_in, anchor_idx = self.generator_input(x0_real, cond, steps, n)
         level = self.anchor_levels[anchor_idx]
         metrics: dict[str, torch.Tensor] = {"gen/backsim": torch.tensor(float(backsim))}
+        adv = self.adversarial_inputs(prompts, images, anchor_idx) if self.disc is not None else None
 
+        image_gen = None
         if gen_step:
-            x0_gen, m = self.generator_step(x_in, level, anchor_idx, cond, uncond)
+            x0_gen, image_gen, m = self.generator_step(x_in, level, anchor_idx, cond, uncond, adv)
             metrics.update(m)
         else:
             x0_gen = self.schedule.x0_from_pred(x_in, self._gen_pred(x_in, level, cond, grad=False), level)
@@ -330,13 +374,23 @@ class Engine:
                 )
                 self.G.sched.step()
         metrics.update(self.fake_step(x0_gen.detach(), cond))
+        if adv is not None:
+            if image_gen is None:
+                with torch.no_grad():
+                    image_gen = self.adapter.decode_latents(x0_gen)
+            metrics.update(self.disc_step(image_gen, images, adv))
         metrics["lr"] = torch.tensor(self.F.sched.get_last_lr()[0])
         if self.cfg.train.image_interval and k % self.cfg.train.image_interval == 0:
             self.save_images(k, x_in, level, x0_gen, cond, uncond, images)
         return metrics
 
-    def generator_step(self, x_in, level, anchor_idx, cond, uncond) -> tuple[torch.Tensor, dict]:
-        """ISG + DM (+ GAN) loss, one backward and step of ``G``, then IDA (spec §1.2 steps 4-7)."""
+    def generator_step(
+        self, x_in, level, anchor_idx, cond, uncond, adv
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """ISG + DM + GAN loss, one backward and step of ``G``, then IDA (spec §1.2 steps 4-7).
+
+        Returns the detached sample, its decoded image (None without discriminator) and metrics.
+        """
         d = self.d
         n = x_in.shape[0]
         pred = self._gen_pred(x_in, level, cond, grad=True)
@@ -377,13 +431,26 @@ class Engine:
         )
         loss = loss + dm
         metrics.update(m)
+        image = None
+        if adv is not None:
+            image = self.adapter.decode_latents(x0)  # differentiable decode (checkpointed VAE)
+            if not self.cfg.compat.d_grad_leak:
+                # B1 fixed: the heads get no gradient from the generator's loss
+                self.disc.heads.requires_grad_(False)
+            with self._amp():
+                logits = self.disc(image, adv.text, adv.ref, generator=self.rng.noise)
+            gan = d.gan.weight * (adv.weight * hinge_g(logits)).mean()
+            loss = loss + gan
+            metrics["loss/gan"] = gan.detach()
+            image = image.detach()
         metrics["loss/gen"] = loss.detach()
-        metrics["grad_norm/gen"] = self._step(self.G, loss, "gen")
+        metrics["grad_norm/gen"] = self._step(self.G, [loss], "gen")
+        if self.disc is not None and not self.cfg.compat.d_grad_leak:
+            self.disc.heads.requires_grad_(True)
         self.F.opt.zero_grad(set_to_none=True)
         if d.ida.enabled:
-            reshard(self.F.net, self.G.net)
             implicit_distribution_alignment_(self.F.net, self.G.net, d.ida.lam)
-        return x0.detach(), metrics
+        return x0.detach(), image, metrics
 
     def fake_step(self, x0_gen: torch.Tensor, cond) -> dict[str, torch.Tensor]:
         """Denoising step of the fake score on detached generator samples (spec §5)."""
@@ -401,9 +468,46 @@ class Engine:
             pred_fn,
             self.schedule.pred_target,
         )
-        metrics["grad_norm/fake"] = self._step(self.F, loss, "fake")
+        metrics["grad_norm/fake"] = self._step(self.F, [loss], "fake")
         self.F.sched.step()
         return metrics
+
+    def adversarial_inputs(self, prompts: list[str], images: torch.Tensor, anchor_idx: torch.Tensor):
+        """CLIP text, reference-image features (once per iteration, spec §8.9) and time weights."""
+        with torch.no_grad():
+            ref = images
+            if not self.cfg.compat.reference_is_real_input:
+                # B15 corrected (minimal form suggested by the spec): augment the reference
+                # independently, so "input equals reference" is no longer a shortcut for D
+                ref = diff_augment(
+                    images,
+                    self.cfg.discriminator.diffaug,
+                    self.rng.noise,
+                    self.cfg.discriminator.translation_ratio,
+                    self.cfg.discriminator.cutout_ratio,
+                )
+            with self._amp():
+                ref_feats = self.disc.reference_features(ref)
+            return Adversarial(self.disc.encode_text(prompts), ref_feats, self.gan_weights[anchor_idx])
+
+    def disc_step(self, image_fake: torch.Tensor, image_real: torch.Tensor, adv) -> dict[str, torch.Tensor]:
+        """Hinge step of the heads: real pass, then fake pass, time-weighted (spec §8.7)."""
+        with self._amp():
+            logits_real = self.disc(image_real, adv.text, adv.ref, generator=self.rng.noise)
+        loss_real = (adv.weight * hinge_d_real(logits_real)).mean()
+        loss_real.backward()
+        with self._amp():
+            logits_fake = self.disc(image_fake.detach(), adv.text, adv.ref, generator=self.rng.noise)
+        loss_fake = (adv.weight * hinge_d_fake(logits_fake)).mean()
+        norm = self._step(self.D, [loss_fake], "disc", average=True)
+        self.D.sched.step()
+        return {
+            "loss/disc_real": loss_real.detach(),
+            "loss/disc_fake": loss_fake.detach(),
+            "disc/logits_real": logits_real.detach().float().mean(),
+            "disc/logits_fake": logits_fake.detach().float().mean(),
+            "grad_norm/disc": norm,
+        }
 
     # --- images -------------------------------------------------------------------------------------
 

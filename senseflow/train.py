@@ -43,12 +43,12 @@ def preflight(cfg) -> None:
     """Cheap checks of everything a run reads, before any process group or model exists."""
     from .adapters import check_teacher_dir
     from .data.json_dataset import JsonImageDataset
-    from .data.tiny import is_tiny, resolve_tiny
+    from .data.tiny import resolve_path
 
     root = check_teacher_dir(cfg)
     spec = cfg.paths.dataset
     data = JsonImageDataset(
-        resolve_tiny(spec) if is_tiny(spec) else Path(spec).expanduser(),
+        resolve_path(spec),
         cfg.train.resolution,
         resize=not cfg.compat.no_image_resize,
         check_paths=cfg.data.check_paths,

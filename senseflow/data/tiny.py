@@ -544,10 +544,26 @@ def _build_shapes_into(tmp: Path, final: Path) -> None:
     _build_dataset(tmp, 64, 128, 0, path_root=final)
 
 
+def _build_dino_into(tmp: Path, final: Path) -> None:
+    """The discriminator's tiny DINOv2 (transformers layout)."""
+    from ..discriminator.tiny import build_tiny_dino
+
+    build_tiny_dino(tmp, seed=0)
+
+
+def _build_clip_into(tmp: Path, final: Path) -> None:
+    """The discriminator's tiny open_clip CLIP (weights file + open_clip_config.json)."""
+    from ..discriminator.tiny import build_tiny_clip
+
+    build_tiny_clip(tmp / "open_clip_model.safetensors", seed=0)
+
+
 # name -> (builder(tmp_dir, final_dir), path that resolve_tiny returns, relative to the final folder)
 _TINY_BUILDERS: dict[str, tuple[Callable[[Path, Path], None], str]] = {
     "sd3": (_build_sd3_into, "."),
     "shapes": (_build_shapes_into, "dataset.json"),
+    "dino": (_build_dino_into, "."),
+    "clip": (_build_clip_into, "."),
 }
 
 
@@ -573,6 +589,50 @@ def resolve_tiny(spec: str) -> Path:
     if not (final / COMPLETE_MARKER).is_file():
         _build_atomically(final, builder)
     return final if relative == "." else final / relative
+
+
+ARCH_PREFIX = "arch:"
+ARCH_ROOT = Path(__file__).resolve().parents[1] / "arch"
+
+
+def _build_arch_into(name: str):
+    def build(tmp: Path, final: Path) -> None:
+        shutil.copytree(ARCH_ROOT / name, tmp, dirs_exist_ok=True)
+        if not (tmp / "model_index.json").is_file():
+            return
+        index = json.loads((tmp / "model_index.json").read_text())
+        for component, entry in index.items():
+            if isinstance(entry, list) and entry[1] == "CLIPTokenizer":
+                build_clip_tokenizer(tmp / component)
+            elif isinstance(entry, list) and entry[1] in ("T5TokenizerFast", "T5Tokenizer"):
+                build_t5_tokenizer(tmp / component)
+
+    return build
+
+
+def resolve_arch(spec: str) -> Path:
+    """A full-size teacher folder with configs only (``arch:sd35_medium``), for ``model.random_init``.
+
+    The architectures are shipped in ``senseflow/arch/``; the tokenizers are the tiny ones (their ids
+    index the full-size embedding tables), so everything builds without a download.
+    """
+    name = spec.strip()[len(ARCH_PREFIX) :]
+    if not name or not (ARCH_ROOT / name).is_dir():
+        valid = ", ".join(ARCH_PREFIX + p.name for p in sorted(ARCH_ROOT.iterdir()) if p.is_dir())
+        raise ConfigError(f"unknown architecture {spec!r}: valid names are {valid}")
+    final = cache_root() / "arch" / f"{name}-v{TINY_VERSION}"
+    if not (final / COMPLETE_MARKER).is_file():
+        _build_atomically(final, _build_arch_into(name))
+    return final
+
+
+def resolve_path(spec: str) -> Path:
+    """A config path: ``tiny:<name>`` and ``arch:<name>`` are built on first use, anything else is a path."""
+    if is_tiny(spec):
+        return resolve_tiny(spec)
+    if isinstance(spec, str) and spec.strip().startswith(ARCH_PREFIX):
+        return resolve_arch(spec)
+    return Path(spec).expanduser()
 
 
 def _build_atomically(final: Path, builder: Callable[[Path, Path], None]) -> None:

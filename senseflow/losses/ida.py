@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -22,9 +23,15 @@ def implicit_distribution_alignment_(fake: nn.Module, generator: nn.Module, lam:
     """Blend every trainable fake-score parameter in place with the same-named generator parameter.
 
     Works shard-by-shard on FSDP2 models: both must be sharded identically (same placements and local
-    shapes), which is checked. Buffers and the fake score's optimiser state are left untouched.
-    Returns the number of blended parameters.
+    shapes), which is checked. FSDP2 roots are resharded first: after a forward without gradient a
+    root keeps its parameters unsharded, and blending those temporary copies would be lost.
+    Buffers and the fake score's optimiser state are left untouched. Returns the number of blended
+    parameters.
     """
+    for module in (fake, generator):
+        for sub in module.modules():
+            if isinstance(sub, FSDPModule):
+                sub.reshard()
     gen_params = dict(generator.named_parameters())
     fakes, gens = [], []
     for name, phi in fake.named_parameters():
