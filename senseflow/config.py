@@ -233,6 +233,8 @@ class DataConfig:
 class CheckpointConfig:
     """Checkpoint writing and rotation."""
 
+    enabled: bool = True
+    """Write checkpoints and resume from them (false only for throw-away benchmark runs)."""
     keep_last: int = 2
     """Full training states to keep (older ones are deleted)."""
     keep_last_exports: int = 0

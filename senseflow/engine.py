@@ -167,7 +167,7 @@ class Engine:
         self.ckpt = CheckpointManager(
             self.save_dir, info, cfg.checkpoint.keep_last, cfg.checkpoint.keep_last_exports
         )
-        self.metrics = MetricsSink(self.save_dir, info.is_main, cfg.log.tensorboard)
+        self.metrics = MetricsSink(self.save_dir, info.is_main, self.device, cfg.log.tensorboard)
         self.iteration = 0
         self.counters = {"skipped_images": 0, "nonfinite_gen": 0, "nonfinite_fake": 0, "nonfinite_disc": 0}
 
@@ -565,7 +565,7 @@ class Engine:
 
     def resume(self) -> bool:
         """Load the newest complete training state, if any; returns whether it resumed."""
-        path = self.ckpt.latest()
+        path = self.ckpt.latest() if self.cfg.checkpoint.enabled else None
         if path is None:
             return False
         state = self._dcp_state()
@@ -629,7 +629,7 @@ class Engine:
                         )
                 if bar is not None:
                     bar.update(1)
-                if k % cfg.train.save_interval == 0 or k == cfg.train.iter_num:
+                if cfg.checkpoint.enabled and (k % cfg.train.save_interval == 0 or k == cfg.train.iter_num):
                     self.save_checkpoint()
         finally:
             if bar is not None:

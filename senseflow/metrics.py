@@ -53,8 +53,9 @@ class MetricsSink:
     host; the mean over ranks is taken at write time.
     """
 
-    def __init__(self, save_dir: Path, is_main: bool, tensorboard: bool = False):
+    def __init__(self, save_dir: Path, is_main: bool, device: torch.device, tensorboard: bool = False):
         self.is_main = is_main
+        self.device = device
         self.path = save_dir / "metrics.jsonl"
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
@@ -78,11 +79,13 @@ class MetricsSink:
         keys = sorted(self._sums)
         record: dict[str, float] = {"iter": step, "time": time.time()}
         if keys:
-            device = self._sums[keys[0]].device
-            vec = torch.stack([self._sums[k].to(device) / self._counts[k] for k in keys])
+            vec = torch.stack([self._sums[k].to(self.device) / self._counts[k] for k in keys])
             vec = all_reduce_mean(vec).tolist()
             record.update({k: (v if math.isfinite(v) else str(v)) for k, v in zip(keys, vec)})
         record.update(extra or {})
+        if self.device.type == "cuda":
+            record["mem/peak_alloc_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            record["mem/peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
         self._sums.clear()
         self._counts.clear()
         if self.is_main:
