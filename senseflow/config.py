@@ -503,6 +503,20 @@ def validate(cfg: Config, source: str = "config") -> None:
         fail("data.on_error", "must be skip or raise")
 
 
+def resolve_paths(cfg: Config) -> None:
+    """Replace ``tiny:``/``arch:`` entries of ``cfg.paths`` by the folders they build (in place).
+
+    Call before ``torch.distributed`` is initialised: library ``save_pretrained`` calls write only on
+    rank 0 of a process group, and every process must be able to build a missing asset.
+    """
+    from .data.tiny import resolve_path
+
+    for f in dataclasses.fields(cfg.paths):
+        value = getattr(cfg.paths, f.name)
+        if value:
+            setattr(cfg.paths, f.name, str(resolve_path(value)))
+
+
 def to_dict(cfg: Any) -> dict:
     """The config as plain nested dicts (for YAML dumps and logs)."""
     return dataclasses.asdict(cfg)

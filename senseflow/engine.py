@@ -35,9 +35,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .adapters import build_adapter
 from .checkpoint import CheckpointManager
-from .config import Config
+from .config import Config, resolve_paths
 from .data.json_dataset import InfiniteLoader, JsonImageDataset
-from .data.tiny import resolve_path
 from .discriminator import VFMDiscriminator
 from .discriminator.diffaug import diff_augment
 from .distributed import DistInfo, all_reduce_grads_, broadcast_tensors_
@@ -141,6 +140,7 @@ class Engine:
     """Builds everything for a run and trains it (see the module docstring)."""
 
     def __init__(self, cfg: Config, info: DistInfo, save_dir: str | Path):
+        resolve_paths(cfg)  # no-op when the entry point already did it
         self.cfg = cfg
         self.info = info
         self.device = info.device
@@ -176,7 +176,7 @@ class Engine:
     def _build_data(self) -> None:
         cfg = self.cfg
         spec = cfg.paths.dataset
-        path = resolve_path(spec)
+        path = Path(spec)
         self.dataset = JsonImageDataset(
             path,
             cfg.train.resolution,
@@ -208,8 +208,8 @@ class Engine:
         torch.manual_seed(cfg.train.seed)  # identical heads on every rank (also broadcast below)
         disc = VFMDiscriminator(
             cfg.discriminator,
-            resolve_path(cfg.paths.dino),
-            resolve_path(cfg.paths.clip),
+            cfg.paths.dino,
+            cfg.paths.clip,
             random_init=cfg.model.random_init,
         ).to(self.device)
         broadcast_tensors_(list(disc.heads.state_dict().values()))

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import load_config, save_config
+from .config import load_config, resolve_paths, save_config
 from .distributed import barrier, cleanup, init_distributed
 from .errors import SenseFlowError
 from .metrics import setup_logging
@@ -43,12 +43,10 @@ def preflight(cfg) -> None:
     """Cheap checks of everything a run reads, before any process group or model exists."""
     from .adapters import check_teacher_dir
     from .data.json_dataset import JsonImageDataset
-    from .data.tiny import resolve_path
 
     root = check_teacher_dir(cfg)
-    spec = cfg.paths.dataset
     data = JsonImageDataset(
-        resolve_path(spec),
+        cfg.paths.dataset,
         cfg.train.resolution,
         resize=not cfg.compat.no_image_resize,
         check_paths=cfg.data.check_paths,
@@ -64,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(rank)
     try:
         cfg = load_config(args.config, args.overrides)
+        resolve_paths(cfg)
         if args.preflight:
             preflight(cfg)
             return 0

@@ -38,10 +38,8 @@ def expand_cond(c: Cond, batch: int) -> Cond:
 
 
 def resolve_teacher_dir(spec: str, required: Iterable[str], key: str = "paths.pretrained_model") -> Path:
-    """Resolve ``tiny:<name>`` or a folder and check that every ``required`` file exists in it."""
-    from ..data.tiny import resolve_path
-
-    root = resolve_path(spec)
+    """Check that the teacher folder exists and holds every ``required`` file."""
+    root = Path(spec).expanduser()
     if not root.is_dir():
         raise ConfigError(f"{key}: {spec} is not a directory (expected a teacher folder in diffusers layout)")
     missing = [r for r in required if not (root / r).exists()]

@@ -643,6 +643,11 @@ def _build_atomically(final: Path, builder: Callable[[Path, Path], None]) -> Non
     logger.info("building %s (cache miss) in %s", final.name, tmp)
     try:
         builder(tmp, final)
+        if not any(tmp.iterdir()):
+            # e.g. transformers' save_pretrained writes nothing on a rank != 0 of a process group
+            raise RuntimeError(
+                f"building {final.name} wrote no files (resolve assets before torch.distributed)"
+            )
         _write_json(tmp / COMPLETE_MARKER, {"name": final.name, "pid": os.getpid(), "built_at": time.time()})
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any other folder
         for _ in range(5):
