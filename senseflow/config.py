@@ -272,7 +272,8 @@ class CompatConfig:
     no_image_resize: bool = False
     """B8: use dataset images as they are (they must already be ``resolution`` square)."""
     reference_is_real_input: bool = True
-    """B15: the discriminator's reference image is the real image paired with the caption."""
+    """B15: the discriminator's reference is exactly the real image paired with the caption; false
+    augments the reference independently (DiffAugment), the minimal fix the spec suggests."""
     generator_fp32_when_no_grad: bool = False
     """N5: run the generator in fp32 without autocast on non-generator iterations and in backward simulation."""
 

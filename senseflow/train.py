@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import load_config, resolve_paths, save_config
 from .distributed import barrier, cleanup, init_distributed
-from .errors import SenseFlowError
+from .errors import ConfigError, SenseFlowError
 from .metrics import setup_logging
 
 logger = logging.getLogger("senseflow.train")
@@ -51,6 +51,15 @@ def preflight(cfg) -> None:
         resize=not cfg.compat.no_image_resize,
         check_paths=cfg.data.check_paths,
     )
+    if cfg.distill.gan.weight > 0:
+        from .discriminator.text import resolve_clip_files
+
+        dino = Path(cfg.paths.dino)
+        if not (dino / "config.json").is_file():
+            raise ConfigError(
+                f"paths.dino: {dino} is not a DINOv2 folder in the transformers layout (no config.json)"
+            )
+        resolve_clip_files(cfg.paths.clip, cfg.model.random_init)
     logger.info("preflight ok: teacher %s, %d training images", root, len(data))
 
 

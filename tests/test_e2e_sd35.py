@@ -132,6 +132,12 @@ def test_missing_teacher_is_one_clear_line(tiny_cache, tmp_path):
     assert r.returncode == 2 and len(errors) == 1 and "paths.pretrained_model" in errors[0]
 
 
+def test_missing_discriminator_backbone_is_one_clear_line(tiny_cache, tmp_path):
+    r, errors = _bad(tmp_path, tiny_cache, TINY, str(tmp_path / "run"), "paths.dino=/nonexistent/dinov2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(errors) == 1 and "paths.dino: /nonexistent/dinov2" in errors[0]
+
+
 def test_dataset_with_unequal_lists_is_one_clear_line(tiny_cache, tmp_path):
     data = tmp_path / "data.json"
     data.write_text(json.dumps({"keys": ["a", "b"], "image_paths": ["a.png"], "prompts": ["x", "y"]}))
