@@ -37,6 +37,28 @@ def expand_cond(c: Cond, batch: int) -> Cond:
     return {k: v.expand(batch, *v.shape[1:]) for k, v in c.items()}
 
 
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``state`` into ``model`` (which may hold meta tensors) or raise one clear error naming a few
+    missing and unexpected keys: a checkpoint of another architecture is never loaded partially."""
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        raise ConfigError(
+            f"{what} does not match the {type(model).__name__} architecture: {'; '.join(parts)}"
+        )
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:  # shape mismatches
+        first = " ".join(str(err).split())[:300]
+        raise ConfigError(f"{what} does not match the {type(model).__name__} architecture: {first}") from None
+
+
 def resolve_teacher_dir(spec: str, required: Iterable[str], key: str = "paths.pretrained_model") -> Path:
     """Check that the teacher folder exists and holds every ``required`` file."""
     root = Path(spec).expanduser()
@@ -69,6 +91,22 @@ class TeacherAdapter:
     def build_networks(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         """The sharded generator, fake score (trainable, fp32 master weights) and frozen teacher."""
         raise NotImplementedError
+
+    transformer_cls: type
+    transformer_config: dict
+
+    def generator_config(self) -> dict:
+        """Config of the generator and fake score (the teacher's unless the family changes it)."""
+        return self.transformer_config
+
+    def load_generator(self, state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+        """An unsharded generator in eval mode on the adapter's device, loaded strictly (inference)."""
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = self.transformer_cls.from_config(self.generator_config())
+        load_state_dict_strict(model, state_dict, "the generator checkpoint")
+        return nn.Module.to(model, device=self.device, dtype=dtype).eval().requires_grad_(False)
 
     def blocks(self, net: nn.Module) -> list[nn.Module]:
         """The repeated blocks of a transformer (sharding and checkpointing units)."""
