@@ -34,6 +34,9 @@ class PathsConfig:
     """DINOv2 ViT-L/14 directory in the transformers layout (facebook/dinov2-large); discriminator backbone."""
     clip: str = ""
     """OpenAI CLIP ViT-L/14 weights file loadable by open_clip; discriminator text conditioning."""
+    flux_wo_guidance_embed: str = ""
+    """FLUX only, optional: a transformer folder with guidance_embeds false for the student (the original's
+    recipe); empty builds it from the teacher by dropping the guidance embedder."""
 
 
 @dataclass
@@ -41,11 +44,11 @@ class ModelConfig:
     """Which teacher family and how its components are built."""
 
     family: str = "sd3"
-    """Teacher adapter: ``sd3`` (SD3.5 Medium/Large)."""
+    """Teacher adapter: ``sd3`` (SD3.5 Medium/Large) or ``flux`` (FLUX.1-dev)."""
     random_init: bool = False
     """Build components from their config.json with random weights instead of loading weights (benchmarks)."""
     t5_max_length: int = 77
-    """T5 token length of the prompt encoding (77 in SD3.5 training, spec §11)."""
+    """T5 token length of the prompt encoding (SD3.5: 77, spec §11; FLUX: 512, spec §10)."""
     gradient_checkpointing: bool = True
     """Activation checkpointing of the trained transformers' blocks and of the VAE decoder."""
 
@@ -176,8 +179,10 @@ class LRSchedulerConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Dtypes (spec §12.4). Trained nets keep fp32 master weights."""
+    """Dtypes (spec §12.4)."""
 
+    master: str = "fp32"
+    """Storage dtype of the trained nets' weights (fp32 master weights; the original FLUX recipe kept bf16, N3)."""
     compute: str = "bf16"
     """Forward/backward compute dtype of the trained transformers (``bf16`` or ``fp32``)."""
     teacher: str = "bf16"
@@ -274,6 +279,9 @@ class CompatConfig:
     reference_is_real_input: bool = True
     """B15: the discriminator's reference is exactly the real image paired with the caption; false
     augments the reference independently (DiffAugment), the minimal fix the spec suggests."""
+    flux_bf16_sigma: bool = True
+    """N1 (t1000 grid only): noise and recover x0 at the bf16-rounded anchor σ while conditioning the trained
+    forward on the fp32 σ, as the original FLUX recipe did."""
     generator_fp32_when_no_grad: bool = False
     """N5: run the generator in fp32 without autocast on non-generator iterations and in backward simulation."""
 
@@ -435,8 +443,8 @@ def validate(cfg: Config, source: str = "config") -> None:
     def fail(key: str, msg: str) -> None:
         raise ConfigError(f"{source}: {key}: {msg}")
 
-    if cfg.model.family not in ("sd3",):
-        fail("model.family", f"unknown family {cfg.model.family!r} (supported: sd3)")
+    if cfg.model.family not in ("sd3", "flux"):
+        fail("model.family", f"unknown family {cfg.model.family!r} (supported: sd3, flux)")
     if not cfg.paths.pretrained_model:
         fail("paths.pretrained_model", "is empty; set it to the teacher folder (diffusers layout)")
     if cfg.paths.pretrained_model.strip().startswith("arch:") and not cfg.model.random_init:
@@ -480,7 +488,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         for key in ("dino", "clip"):
             if not getattr(cfg.paths, key):
                 fail(f"paths.{key}", "is empty but the GAN term is on; set it or set distill.gan.weight=0")
-    for key in ("compute", "teacher", "text_encoders", "vae"):
+    for key in ("master", "compute", "teacher", "text_encoders", "vae"):
         if getattr(cfg.precision, key) not in DTYPES:
             fail(f"precision.{key}", f"must be one of {', '.join(DTYPES)}")
     if cfg.optimizer.name not in ("adamw", "adamw8bit"):

@@ -162,7 +162,12 @@ class Engine:
 
         grid = torch.tensor(self.d.anchors, dtype=torch.long)
         self.anchor_grid = grid.to(self.device)
-        self.anchor_levels = self.schedule.grid_to_level(self.anchor_grid, self.d.timestep_grid)
+        # levels the generator is conditioned on, and levels used for noising and x0 recovery: the same
+        # except under compat.flux_bf16_sigma (N1), where the latter are rounded to bf16
+        self.anchor_cond_levels = self.schedule.grid_to_level(self.anchor_grid, self.d.timestep_grid)
+        self.anchor_levels = self.anchor_cond_levels
+        if self.d.timestep_grid == "t1000" and cfg.compat.flux_bf16_sigma:
+            self.anchor_levels = self.anchor_cond_levels.to(torch.bfloat16).float()
         self.gan_weights = self._gan_time_weights()
         self.ckpt = CheckpointManager(
             self.save_dir, info, cfg.checkpoint.keep_last, cfg.checkpoint.keep_last_exports
@@ -357,16 +362,17 @@ class Engine:
             uncond = self.adapter.empty_cond(n)
             x0_real = None if backsim else self.adapter.encode_images(images, self.rng.noise)
         x_in, anchor_idx = self.generator_input(x0_real, cond, steps, n)
-        level = self.anchor_levels[anchor_idx]
+        level, cond_level = self.anchor_levels[anchor_idx], self.anchor_cond_levels[anchor_idx]
         metrics: dict[str, torch.Tensor] = {"gen/backsim": torch.tensor(float(backsim))}
         adv = self.adversarial_inputs(prompts, images, anchor_idx) if self.disc is not None else None
 
         image_gen = None
         if gen_step:
-            x0_gen, image_gen, m = self.generator_step(x_in, level, anchor_idx, cond, uncond, adv)
+            x0_gen, image_gen, m = self.generator_step(x_in, level, cond_level, anchor_idx, cond, uncond, adv)
             metrics.update(m)
         else:
-            x0_gen = self.schedule.x0_from_pred(x_in, self._gen_pred(x_in, level, cond, grad=False), level)
+            pred = self._gen_pred(x_in, cond_level, cond, grad=False)
+            x0_gen = self.schedule.x0_from_pred(x_in, pred, level)
         if gen_step or self.cfg.compat.lr_schedule_per_iteration:
             with warnings.catch_warnings():  # stepping the schedule without an optimiser step is intended
                 warnings.filterwarnings(
@@ -385,15 +391,17 @@ class Engine:
         return metrics
 
     def generator_step(
-        self, x_in, level, anchor_idx, cond, uncond, adv
-    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        self, x_in, level, cond_level, anchor_idx, cond, uncond, adv
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         """ISG + DM + GAN loss, one backward and step of ``G``, then IDA (spec §1.2 steps 4-7).
 
-        Returns the detached sample, its decoded image (None without discriminator) and metrics.
+        ``level`` noised ``x_in`` and recovers x0; ``cond_level`` conditions the generator (they differ only
+        under ``compat.flux_bf16_sigma``). Returns the detached sample, its decoded image (None without
+        discriminator) and metrics.
         """
         d = self.d
         n = x_in.shape[0]
-        pred = self._gen_pred(x_in, level, cond, grad=True)
+        pred = self._gen_pred(x_in, cond_level, cond, grad=True)
         x0 = self.schedule.x0_from_pred(x_in, pred, level)
         metrics: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=self.device)
@@ -408,7 +416,7 @@ class Engine:
             isg, m = intra_segment_guidance_loss(
                 x_in,
                 pred,
-                level,
+                cond_level,
                 level_mid,
                 level_prev,
                 teacher_pred_fn=teacher_pred,

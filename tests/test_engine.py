@@ -97,7 +97,7 @@ def _generator_step(e):
     idx = torch.full_like(idx, 3)  # cleanest anchor: non-zero GAN weight
     x_in = e.schedule.add_noise(x0_real, torch.randn_like(x0_real), e.anchor_levels[idx])
     adv = e.adversarial_inputs(prompts, batch["image"], idx)
-    return e.generator_step(x_in, e.anchor_levels[idx], idx, cond, uncond, adv)
+    return e.generator_step(x_in, e.anchor_levels[idx], e.anchor_cond_levels[idx], idx, cond, uncond, adv)
 
 
 @pytest.mark.parametrize("leak", [False, True])

@@ -266,8 +266,8 @@ def test_resolve_tiny_concurrent_processes(cache):
 
 
 def test_unknown_spec(cache):
-    with pytest.raises(ConfigError, match=r"tiny:flux.*tiny:sd3.*tiny:shapes"):
-        tiny.resolve_tiny("tiny:flux")
+    with pytest.raises(ConfigError, match=r"tiny:nope.*tiny:sd3.*tiny:flux.*tiny:shapes"):
+        tiny.resolve_tiny("tiny:nope")
     with pytest.raises(ConfigError):
         tiny.resolve_tiny("sd3")
     assert tiny.is_tiny("tiny:sd3") and tiny.is_tiny("tiny:nope")

@@ -12,6 +12,10 @@ def _adapter_module(family: str):
         from . import sd3
 
         return sd3, sd3.SD3Adapter
+    if family == "flux":
+        from . import flux
+
+        return flux, flux.FluxAdapter
     raise ValueError(f"model.family: unknown family {family!r}")
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from ..config import Config
 from ..distributed import DistInfo
 from ..errors import ConfigError
-from ..parallel import DTYPE
+from ..parallel import DTYPE, build_sharded, mixed_precision_policy, read_diffusers_weights
 from ..schedules import NoiseSchedule
 
 logger = logging.getLogger(__name__)
@@ -73,11 +73,41 @@ def resolve_teacher_dir(spec: str, required: Iterable[str], key: str = "paths.pr
     return root
 
 
+def load_component(
+    cls, root: Path, subfolder: str, dtype: torch.dtype, random_init: bool, device
+) -> nn.Module:
+    """``from_pretrained`` a frozen component, or build it from its config with random weights."""
+    path = root / subfolder
+    try:
+        if random_init:
+            if hasattr(cls, "load_config"):  # diffusers
+                with torch.device(device):
+                    model = cls.from_config(cls.load_config(path))
+            else:  # transformers
+                with torch.device(device):
+                    model = cls(cls.config_class.from_pretrained(path))
+            model = nn.Module.to(model, dtype=dtype)
+        else:
+            model = cls.from_pretrained(path, torch_dtype=dtype).to(device)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"paths.pretrained_model: cannot load {subfolder}/ from {root}: {first}") from None
+    return model.requires_grad_(False).eval()
+
+
 class TeacherAdapter:
-    """Base class of the family adapters (see the module docstring)."""
+    """Base class of the family adapters (see the module docstring).
+
+    Subclasses set :attr:`schedule`, :attr:`transformer_cls`, :attr:`transformer_config`, the text
+    encoders, and call :meth:`_load_vae`; they implement :meth:`blocks`, :meth:`forward`,
+    :meth:`encode_prompts` and :meth:`latent_shape`.
+    """
 
     family: str = ""
+    net_subfolder = "transformer"
     schedule: NoiseSchedule
+    transformer_cls: type
+    transformer_config: dict
     vae: nn.Module
 
     def __init__(self, cfg: Config, info: DistInfo):
@@ -86,18 +116,66 @@ class TeacherAdapter:
         self.device = info.device
         self.compute_dtype = DTYPE[cfg.precision.compute]
 
+    def _load(self, cls, subfolder: str, dtype: torch.dtype) -> nn.Module:
+        return load_component(cls, self.root, subfolder, dtype, self.cfg.model.random_init, self.device)
+
+    def _load_vae(self, cls) -> None:
+        """The VAE, with its scaling and shift factors read from its config (spec §13.4)."""
+        self.vae = self._load(cls, "vae", DTYPE[self.cfg.precision.vae])
+        if self.cfg.model.gradient_checkpointing:
+            self.vae.enable_gradient_checkpointing()  # the GAN term differentiates the decode
+        self.scaling_factor = self.vae.config.scaling_factor
+        self.shift_factor = getattr(self.vae.config, "shift_factor", None) or 0.0
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     # --- networks -----------------------------------------------------------------------------------
-
-    def build_networks(self) -> tuple[nn.Module, nn.Module, nn.Module]:
-        """The sharded generator, fake score (trainable, fp32 master weights) and frozen teacher."""
-        raise NotImplementedError
-
-    transformer_cls: type
-    transformer_config: dict
 
     def generator_config(self) -> dict:
         """Config of the generator and fake score (the teacher's unless the family changes it)."""
         return self.transformer_config
+
+    def student_state(self, teacher_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The generator's initial weights from the teacher's (the teacher's unless the family changes it)."""
+        return teacher_state
+
+    def _teacher_state(self) -> dict[str, torch.Tensor] | None:
+        """The full teacher network weights on rank 0 (None elsewhere)."""
+        if not self.info.is_main:
+            return None
+        if self.cfg.model.random_init:
+            with torch.device(self.device):
+                return self.transformer_cls.from_config(self.transformer_config).state_dict()
+        try:
+            return read_diffusers_weights(self.root / self.net_subfolder)
+        except FileNotFoundError as err:
+            raise ConfigError(f"paths.pretrained_model: {err}") from None
+
+    def build_networks(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """The sharded generator and fake score (trainable) and the frozen teacher (spec §12.5)."""
+        p = self.cfg.precision
+        teacher_state = self._teacher_state()
+        student_state = self.student_state(teacher_state) if teacher_state is not None else None
+        trained_compute = p.compute if p.fsdp_mixed else p.master
+        nets = []
+        for config, state, trainable in (
+            (self.generator_config(), student_state, True),
+            (self.generator_config(), student_state, True),
+            (self.transformer_config, teacher_state, False),
+        ):
+            nets.append(
+                build_sharded(
+                    lambda config=config: self.transformer_cls.from_config(config),
+                    state,
+                    self.info,
+                    blocks=self.blocks,
+                    dtype=DTYPE[p.master if trainable else p.teacher],
+                    mp_policy=mixed_precision_policy(trained_compute if trainable else p.teacher),
+                    trainable=trainable,
+                    gradient_checkpointing=self.cfg.model.gradient_checkpointing and trainable,
+                )
+            )
+        generator, fake, teacher = nets
+        return generator, fake, teacher.eval()
 
     def load_generator(self, state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
         """An unsharded generator in eval mode on the adapter's device, loaded strictly (inference)."""
@@ -150,10 +228,21 @@ class TeacherAdapter:
         """Shape of one latent for a square image of ``resolution`` pixels."""
         raise NotImplementedError
 
+    def _check_resolution(self, resolution: int, multiple: int) -> int:
+        if resolution % multiple:
+            raise ConfigError(
+                f"train.resolution: {resolution} is not a multiple of {multiple} for this teacher"
+            )
+        return resolution // self.vae_scale
+
+    @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Images in [-1, 1] (B, 3, H, W) to training latents (posterior sample, shifted and scaled)."""
-        raise NotImplementedError
+        """Images in [-1, 1] (B, 3, H, W) to training latents: a posterior *sample*, shifted and scaled."""
+        dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
+        z = dist.sample(generator=generator)
+        return ((z - self.shift_factor) * self.scaling_factor).float()
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images, nominally in [-1, 1] and not clamped; differentiable."""
-        raise NotImplementedError
+        z = latents / self.scaling_factor + self.shift_factor
+        return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0].float()

@@ -13,8 +13,7 @@ import logging
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..parallel import DTYPE, build_sharded, mixed_precision_policy, read_diffusers_weights
+from ..parallel import DTYPE
 from ..schedules import FlowMatchingSchedule
 from .base import Cond, TeacherAdapter, resolve_teacher_dir
 
@@ -33,26 +32,6 @@ REQUIRED = (
 )
 
 
-def _load_component(cls, root, subfolder: str, dtype: torch.dtype, random_init: bool, device):
-    """``from_pretrained`` a component, or build it from its config with random weights."""
-    path = root / subfolder
-    try:
-        if random_init:
-            config = (
-                cls.load_config(path)
-                if hasattr(cls, "load_config")
-                else cls.config_class.from_pretrained(path)
-            )
-            with torch.device(device):
-                model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
-            return model.to(dtype)
-        model = cls.from_pretrained(path, torch_dtype=dtype)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"paths.pretrained_model: cannot load {subfolder}/ from {root}: {first}") from None
-    return model.to(device)
-
-
 class SD3Adapter(TeacherAdapter):
     """SD3.5 Medium and Large (the difference is the transformer config read from the folder)."""
 
@@ -64,7 +43,6 @@ class SD3Adapter(TeacherAdapter):
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
         self.root = resolve_teacher_dir(cfg.paths.pretrained_model, REQUIRED)
-        random_init = cfg.model.random_init
         sched = FlowMatchEulerDiscreteScheduler.from_pretrained(self.root, subfolder="scheduler")
         self.schedule = FlowMatchingSchedule(
             shift=sched.config.shift,
@@ -80,64 +58,14 @@ class SD3Adapter(TeacherAdapter):
             T5TokenizerFast.from_pretrained(self.root / "tokenizer_3"),
         ]
         self.text_encoders = [
-            _load_component(
-                CLIPTextModelWithProjection, self.root, "text_encoder", te_dtype, random_init, self.device
-            ),
-            _load_component(
-                CLIPTextModelWithProjection, self.root, "text_encoder_2", te_dtype, random_init, self.device
-            ),
-            _load_component(T5EncoderModel, self.root, "text_encoder_3", te_dtype, random_init, self.device),
+            self._load(CLIPTextModelWithProjection, "text_encoder", te_dtype),
+            self._load(CLIPTextModelWithProjection, "text_encoder_2", te_dtype),
+            self._load(T5EncoderModel, "text_encoder_3", te_dtype),
         ]
-        for enc in self.text_encoders:
-            enc.requires_grad_(False).eval()
-        self.vae = _load_component(
-            AutoencoderKL, self.root, "vae", DTYPE[cfg.precision.vae], random_init, self.device
-        )
-        self.vae.requires_grad_(False).eval()
-        if cfg.model.gradient_checkpointing:
-            self.vae.enable_gradient_checkpointing()
-        self.scaling_factor = self.vae.config.scaling_factor
-        self.shift_factor = self.vae.config.shift_factor or 0.0
-        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    # --- networks -----------------------------------------------------------------------------------
+        self._load_vae(AutoencoderKL)
 
     def blocks(self, net):
         return list(net.transformer_blocks)
-
-    def _teacher_state(self) -> dict[str, torch.Tensor] | None:
-        """The full teacher transformer weights on rank 0 (None elsewhere)."""
-        if not self.info.is_main:
-            return None
-        if self.cfg.model.random_init:
-            with torch.device(self.device):
-                return self.transformer_cls.from_config(self.transformer_config).state_dict()
-        try:
-            return read_diffusers_weights(self.root / "transformer")
-        except FileNotFoundError as err:
-            raise ConfigError(f"paths.pretrained_model: {err}") from None
-
-    def build_networks(self):
-        state = self._teacher_state()
-        gc = self.cfg.model.gradient_checkpointing
-        compute = self.cfg.precision.compute if self.cfg.precision.fsdp_mixed else "fp32"
-        nets = []
-        for trainable in (True, True, False):
-            nets.append(
-                build_sharded(
-                    lambda: self.transformer_cls.from_config(self.transformer_config),
-                    state,
-                    self.info,
-                    blocks=self.blocks,
-                    dtype=torch.float32 if trainable else DTYPE[self.cfg.precision.teacher],
-                    mp_policy=mixed_precision_policy(compute if trainable else self.cfg.precision.teacher),
-                    trainable=trainable,
-                    gradient_checkpointing=gc and trainable,
-                )
-            )
-        generator, fake, teacher = nets
-        teacher.eval()
-        return generator, fake, teacher
 
     def forward(self, net: nn.Module, x, level, cond: Cond):
         out = net(
@@ -148,8 +76,6 @@ class SD3Adapter(TeacherAdapter):
             return_dict=False,
         )[0]
         return out.float()
-
-    # --- conditioning and latents -------------------------------------------------------------------
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
@@ -180,20 +106,5 @@ class SD3Adapter(TeacherAdapter):
         }
 
     def latent_shape(self, resolution):
-        if resolution % (self.vae_scale * self.transformer_config["patch_size"]):
-            raise ConfigError(
-                f"train.resolution: {resolution} is not a multiple of "
-                f"{self.vae_scale * self.transformer_config['patch_size']} (VAE factor x patch size)"
-            )
-        side = resolution // self.vae_scale
+        side = self._check_resolution(resolution, self.vae_scale * self.transformer_config["patch_size"])
         return (self.vae.config.latent_channels, side, side)
-
-    @torch.no_grad()
-    def encode_images(self, images, generator):
-        dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
-        z = dist.sample(generator=generator)
-        return ((z - self.shift_factor) * self.scaling_factor).float()
-
-    def decode_latents(self, latents):
-        z = latents / self.scaling_factor + self.shift_factor
-        return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0].float()

@@ -262,23 +262,100 @@ def build_t5_tokenizer(out_dir: str | os.PathLike) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _clip_ids(tokenizer) -> dict[str, int]:
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _tiny_clip(cls, tokenizer, hidden: int, act: str, projection: int | None = None):
+    """A 2-layer CLIP text model (``CLIPTextModel`` or ``CLIPTextModelWithProjection``)."""
+    from transformers import CLIPTextConfig
+
+    kwargs = {"projection_dim": projection} if projection else {}
+    return cls(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=CLIP_MAX_LENGTH,
+            hidden_act=act,
+            **kwargs,
+            **_clip_ids(tokenizer),
+        )
+    )
+
+
+def _tiny_t5(tokenizer, d_model: int = 32):
+    """A 2-layer T5 v1.1-style encoder (gated GELU)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=d_model,
+            d_kv=8,
+            d_ff=2 * d_model,
+            num_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+            dense_act_fn="gelu_new",
+            is_gated_act=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def _tiny_vae(latent_channels: int, scaling_factor: float, shift_factor: float | None):
+    """A 4-level AutoencoderKL (spatial factor 8) for 128-px images."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=latent_channels,
+        sample_size=128,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def save_tiny_pipeline(pipe, out: Path, tokenizers: dict[str, Callable[[Path], None]]) -> None:
+    """``save_pretrained`` a tiny pipeline, then rewrite its tokenizer folders with the hand-made ones.
+
+    transformers 5 writes only tokenizer.json for CLIP; the hand-made folders (vocab.json + merges.txt,
+    tokenizer.json for T5) load in older versions too. transformers 5 also aliases T5TokenizerFast to
+    T5Tokenizer, which older versions read as the slow sentencepiece class, so the fast class is
+    recorded in model_index.json, as the real repositories do.
+    """
+    pipe.save_pretrained(out, safe_serialization=True)
+    index = json.loads((out / "model_index.json").read_text(encoding="utf-8"))
+    for name, build in tokenizers.items():
+        shutil.rmtree(out / name)
+        build(out / name)
+        if build is build_t5_tokenizer:
+            index[name] = ["transformers", "T5TokenizerFast"]
+    _write_json(out / "model_index.json", index)
+
+
 def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write a complete, randomly initialised tiny stable-diffusion-3 diffusers directory; return its path."""
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-        T5Config,
-        T5EncoderModel,
-        T5TokenizerFast,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -286,11 +363,6 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     build_t5_tokenizer(out / "tokenizer_3")
     clip_tok = CLIPTokenizer.from_pretrained(out / "tokenizer")
     t5_tok = T5TokenizerFast.from_pretrained(out / "tokenizer_3")
-    clip_ids = {
-        "bos_token_id": clip_tok.bos_token_id,
-        "eos_token_id": clip_tok.eos_token_id,
-        "pad_token_id": clip_tok.pad_token_id,
-    }
 
     # fork_rng: seeding must not disturb the caller's global RNG state.
     with torch.random.fork_rng(devices=[]):
@@ -312,70 +384,16 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         )
         _reinit_zero_outputs(transformer)
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                vocab_size=len(clip_tok),
-                hidden_size=8,
-                intermediate_size=16,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                projection_dim=8,
-                max_position_embeddings=CLIP_MAX_LENGTH,
-                hidden_act="quick_gelu",
-                **clip_ids,
-            )
-        )
+        text_encoder = _tiny_clip(CLIPTextModelWithProjection, clip_tok, 8, "quick_gelu", projection=8)
         torch.manual_seed(seed)
-        text_encoder_2 = CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                vocab_size=len(clip_tok),
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                projection_dim=16,
-                max_position_embeddings=CLIP_MAX_LENGTH,
-                hidden_act="gelu",
-                **clip_ids,
-            )
-        )
+        text_encoder_2 = _tiny_clip(CLIPTextModelWithProjection, clip_tok, 16, "gelu", projection=16)
         torch.manual_seed(seed)
-        text_encoder_3 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tok),
-                d_model=32,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                feed_forward_proj="gated-gelu",
-                dense_act_fn="gelu_new",
-                is_gated_act=True,
-                pad_token_id=t5_tok.pad_token_id,
-                eos_token_id=t5_tok.eos_token_id,
-                decoder_start_token_id=t5_tok.pad_token_id,
-            )
-        )
+        text_encoder_3 = _tiny_t5(t5_tok)
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),
-            layers_per_block=1,
-            norm_num_groups=4,
-            latent_channels=16,
-            sample_size=128,
-            scaling_factor=1.5305,
-            shift_factor=0.0609,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+        vae = _tiny_vae(16, 1.5305, 0.0609)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
-        scheduler=scheduler,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=clip_tok,
@@ -384,22 +402,73 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         text_encoder_3=text_encoder_3,
         tokenizer_3=t5_tok,
     )
-    pipe.save_pretrained(out, safe_serialization=True)
-    # save_pretrained of transformers 5 writes only tokenizer.json for CLIP; rewrite the hand-made folders so
-    # that the slow tokenizers of older transformers (vocab.json + merges.txt) load them as well.
-    for name, build in (
-        ("tokenizer", build_clip_tokenizer),
-        ("tokenizer_2", build_clip_tokenizer),
-        ("tokenizer_3", build_t5_tokenizer),
-    ):
-        shutil.rmtree(out / name)
-        build(out / name)
-    # transformers 5 aliases T5TokenizerFast to T5Tokenizer, which older versions read as the slow
-    # (sentencepiece) class; record the fast class, as the real SD3.5 repositories do.
-    index = json.loads((out / "model_index.json").read_text(encoding="utf-8"))
-    index["tokenizer_3"] = ["transformers", "T5TokenizerFast"]
-    _write_json(out / "model_index.json", index)
+    save_tiny_pipeline(
+        pipe,
+        out,
+        {
+            "tokenizer": build_clip_tokenizer,
+            "tokenizer_2": build_clip_tokenizer,
+            "tokenizer_3": build_t5_tokenizer,
+        },
+    )
     logger.info("built tiny SD3 teacher (seed %d) in %s", seed, out)
+    return out
+
+
+def build_tiny_flux(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a complete, randomly initialised tiny FLUX.1-dev-style diffusers directory (guidance-distilled
+    transformer with a guidance embedder, CLIP pooled + T5 conditioning, dynamic-shift scheduler)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5TokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    build_clip_tokenizer(out / "tokenizer")
+    build_t5_tokenizer(out / "tokenizer_2")
+    clip_tok = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    t5_tok = T5TokenizerFast.from_pretrained(out / "tokenizer_2")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=8,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        )
+        _reinit_zero_outputs(transformer)
+        torch.manual_seed(seed)
+        text_encoder = _tiny_clip(CLIPTextModel, clip_tok, 8, "quick_gelu")
+        torch.manual_seed(seed)
+        text_encoder_2 = _tiny_t5(t5_tok)
+        torch.manual_seed(seed)
+        vae = _tiny_vae(16, 0.3611, 0.1159)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tok,
+    )
+    save_tiny_pipeline(pipe, out, {"tokenizer": build_clip_tokenizer, "tokenizer_2": build_t5_tokenizer})
+    logger.info("built tiny FLUX teacher (seed %d) in %s", seed, out)
     return out
 
 
@@ -539,6 +608,11 @@ def _build_sd3_into(tmp: Path, final: Path) -> None:
     build_tiny_sd3(tmp, seed=0)
 
 
+def _build_flux_into(tmp: Path, final: Path) -> None:
+    """Build the tiny FLUX teacher (seed 0) into ``tmp``."""
+    build_tiny_flux(tmp, seed=0)
+
+
 def _build_shapes_into(tmp: Path, final: Path) -> None:
     """Build the tiny data set (64 images, seed 0) into ``tmp``, recording image paths under ``final``."""
     _build_dataset(tmp, 64, 128, 0, path_root=final)
@@ -561,6 +635,7 @@ def _build_clip_into(tmp: Path, final: Path) -> None:
 # name -> (builder(tmp_dir, final_dir), path that resolve_tiny returns, relative to the final folder)
 _TINY_BUILDERS: dict[str, tuple[Callable[[Path, Path], None], str]] = {
     "sd3": (_build_sd3_into, "."),
+    "flux": (_build_flux_into, "."),
     "shapes": (_build_shapes_into, "dataset.json"),
     "dino": (_build_dino_into, "."),
     "clip": (_build_clip_into, "."),
