@@ -266,7 +266,7 @@ def test_resolve_tiny_concurrent_processes(cache):
 
 
 def test_unknown_spec(cache):
-    with pytest.raises(ConfigError, match=r"tiny:nope.*tiny:sd3.*tiny:flux.*tiny:shapes"):
+    with pytest.raises(ConfigError, match=r"tiny:nope.*tiny:sd3.*tiny:flux.*tiny:sdxl.*tiny:shapes"):
         tiny.resolve_tiny("tiny:nope")
     with pytest.raises(ConfigError):
         tiny.resolve_tiny("sd3")

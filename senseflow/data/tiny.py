@@ -312,8 +312,10 @@ def _tiny_t5(tokenizer, d_model: int = 32):
     )
 
 
-def _tiny_vae(latent_channels: int, scaling_factor: float, shift_factor: float | None):
-    """A 4-level AutoencoderKL (spatial factor 8) for 128-px images."""
+def _tiny_vae(
+    latent_channels: int, scaling_factor: float, shift_factor: float | None, quant_conv: bool = False
+):
+    """A 4-level AutoencoderKL (spatial factor 8) for 128-px images (SD3/FLUX have no quant convs, SDXL has)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -328,8 +330,8 @@ def _tiny_vae(latent_channels: int, scaling_factor: float, shift_factor: float |
         sample_size=128,
         scaling_factor=scaling_factor,
         shift_factor=shift_factor,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
+        use_quant_conv=quant_conv,
+        use_post_quant_conv=quant_conv,
     )
 
 
@@ -346,8 +348,7 @@ def save_tiny_pipeline(pipe, out: Path, tokenizers: dict[str, Callable[[Path], N
     for name, build in tokenizers.items():
         shutil.rmtree(out / name)
         build(out / name)
-        if build is build_t5_tokenizer:
-            index[name] = ["transformers", "T5TokenizerFast"]
+        index[name] = ["transformers", "T5TokenizerFast" if build is build_t5_tokenizer else "CLIPTokenizer"]
     _write_json(out / "model_index.json", index)
 
 
@@ -613,6 +614,13 @@ def _build_flux_into(tmp: Path, final: Path) -> None:
     build_tiny_flux(tmp, seed=0)
 
 
+def _build_sdxl_into(tmp: Path, final: Path) -> None:
+    """Build the tiny SDXL teacher (seed 0) into ``tmp``."""
+    from .tiny_sdxl import build_tiny_sdxl
+
+    build_tiny_sdxl(tmp, seed=0)
+
+
 def _build_shapes_into(tmp: Path, final: Path) -> None:
     """Build the tiny data set (64 images, seed 0) into ``tmp``, recording image paths under ``final``."""
     _build_dataset(tmp, 64, 128, 0, path_root=final)
@@ -636,6 +644,7 @@ def _build_clip_into(tmp: Path, final: Path) -> None:
 _TINY_BUILDERS: dict[str, tuple[Callable[[Path, Path], None], str]] = {
     "sd3": (_build_sd3_into, "."),
     "flux": (_build_flux_into, "."),
+    "sdxl": (_build_sdxl_into, "."),
     "shapes": (_build_shapes_into, "dataset.json"),
     "dino": (_build_dino_into, "."),
     "clip": (_build_clip_into, "."),
