@@ -44,7 +44,7 @@ class ModelConfig:
     """Which teacher family and how its components are built."""
 
     family: str = "sd3"
-    """Teacher adapter: ``sd3`` (SD3.5 Medium/Large) or ``flux`` (FLUX.1-dev)."""
+    """Teacher adapter: ``sd3`` (SD3.5 Medium/Large), ``flux`` (FLUX.1-dev) or ``sdxl`` (SDXL base 1.0)."""
     random_init: bool = False
     """Build components from their config.json with random weights instead of loading weights (benchmarks)."""
     t5_max_length: int = 77
@@ -128,6 +128,23 @@ class GANConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    """DMD2's GAN classifier on the fake score's bottleneck (recipe R5 only; spec §9.6)."""
+
+    gen_weight: float = 0.0
+    """Weight of the generator's ``softplus(−D(x̂_G))`` term (R5 0.005); 0 with fake_weight 0 disables it."""
+    fake_weight: float = 0.0
+    """Weight of the classifier terms added to the fake-score loss (R5 0.01)."""
+    max_timestep: int = 1000
+    """The classifier's inputs are noised at ``t ~ U{0..max_timestep−1}`` ("diffusion GAN")."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the fake score carries the classifier head."""
+        return self.gen_weight > 0 or self.fake_weight > 0
+
+
+@dataclass
 class DistillConfig:
     """The SenseFlow/DMD algorithm (spec §1-§8)."""
 
@@ -149,6 +166,8 @@ class DistillConfig:
     """Intra-segment guidance."""
     gan: GANConfig = field(default_factory=GANConfig)
     """Adversarial (VFM discriminator) term."""
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    """DMD2 classifier head (SDXL DMD2 baseline)."""
 
 
 @dataclass
@@ -224,6 +243,8 @@ class TrainConfig:
 class DataConfig:
     """Data loading."""
 
+    format: str = "json"
+    """``json`` (images + captions, encoded by the VAE on the fly) or ``lmdb`` (DMD2's latent LMDB, SDXL)."""
     num_workers: int = 4
     """DataLoader worker processes per rank."""
     on_error: str = "skip"
@@ -279,6 +300,8 @@ class CompatConfig:
     reference_is_real_input: bool = True
     """B15: the discriminator's reference is exactly the real image paired with the caption; false
     augments the reference independently (DiffAugment), the minimal fix the spec suggests."""
+    sdxl_isg_legacy: bool = False
+    """B2: SDXL ISG as implemented originally, a regression of x̂_G onto the CFG teacher's one-step x̂₀."""
     flux_bf16_sigma: bool = True
     """N1 (t1000 grid only): noise and recover x0 at the bf16-rounded anchor σ while conditioning the trained
     forward on the fp32 σ, as the original FLUX recipe did."""
@@ -443,8 +466,8 @@ def validate(cfg: Config, source: str = "config") -> None:
     def fail(key: str, msg: str) -> None:
         raise ConfigError(f"{source}: {key}: {msg}")
 
-    if cfg.model.family not in ("sd3", "flux"):
-        fail("model.family", f"unknown family {cfg.model.family!r} (supported: sd3, flux)")
+    if cfg.model.family not in ("sd3", "flux", "sdxl"):
+        fail("model.family", f"unknown family {cfg.model.family!r} (supported: sd3, flux, sdxl)")
     if not cfg.paths.pretrained_model:
         fail("paths.pretrained_model", "is empty; set it to the teacher folder (diffusers layout)")
     if cfg.paths.pretrained_model.strip().startswith("arch:") and not cfg.model.random_init:
@@ -481,6 +504,17 @@ def validate(cfg: Config, source: str = "config") -> None:
                 "distill.isg.margin",
                 f"{d.isg.margin} leaves no intermediate point in a segment of {min(gaps)}",
             )
+    if d.classifier.enabled and cfg.model.family != "sdxl":
+        fail(
+            "distill.classifier",
+            "the DMD2 classifier is implemented for the SDXL UNet only (model.family=sdxl)",
+        )
+    if d.classifier.enabled and d.ida.enabled:
+        fail(
+            "distill.ida.enabled", "must be false with the DMD2 classifier (the fake score has an extra head)"
+        )
+    if cfg.data.format not in ("json", "lmdb"):
+        fail("data.format", "must be json or lmdb")
     if d.gan.time_weight not in ("signal_squared", "signal", "none"):
         fail("distill.gan.time_weight", "must be signal_squared, signal or none")
     cfg.discriminator.validate()

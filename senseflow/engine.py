@@ -36,16 +36,17 @@ from torch.distributed.checkpoint.state_dict import (
 from .adapters import build_adapter
 from .checkpoint import CheckpointManager
 from .config import Config, resolve_paths
-from .data.json_dataset import InfiniteLoader, JsonImageDataset
+from .data import build_dataset
+from .data.json_dataset import InfiniteLoader
 from .discriminator import VFMDiscriminator
 from .discriminator.diffaug import diff_augment
 from .distributed import DistInfo, all_reduce_grads_, broadcast_tensors_
 from .errors import ConfigError
 from .losses.dm import distribution_matching_loss
 from .losses.fake_score import fake_score_loss
-from .losses.gan import hinge_d_fake, hinge_d_real, hinge_g
+from .losses.gan import dmd2_classifier_loss, dmd2_generator_loss, hinge_d_fake, hinge_d_real, hinge_g
 from .losses.ida import implicit_distribution_alignment_
-from .losses.isg import intra_segment_guidance_loss
+from .losses.isg import intra_segment_guidance_loss, sdxl_legacy_isg_loss
 from .metrics import MetricsSink, image_grid
 from .parallel import DTYPE, full_state_dict, reshard
 from .schedules import sample_table_index
@@ -182,13 +183,7 @@ class Engine:
         cfg = self.cfg
         spec = cfg.paths.dataset
         path = Path(spec)
-        self.dataset = JsonImageDataset(
-            path,
-            cfg.train.resolution,
-            resize=not cfg.compat.no_image_resize,
-            on_error=cfg.data.on_error,
-            check_paths=cfg.data.check_paths,
-        )
+        self.dataset = build_dataset(cfg)
         self.loader = InfiniteLoader(
             self.dataset,
             cfg.train.batch_size,
@@ -199,7 +194,7 @@ class Engine:
             shuffle=cfg.data.shuffle,
         )
         logger.info(
-            "dataset %s: %d images, %d batches per epoch per rank",
+            "dataset %s: %d samples, %d batches per epoch per rank",
             path,
             len(self.dataset),
             self.loader.batches_per_epoch,
@@ -310,15 +305,23 @@ class Engine:
 
     # --- generator input (spec §3) ------------------------------------------------------------------
 
+    def _anchor_input(self, x_hat: torch.Tensor, anchor_idx: torch.Tensor) -> torch.Tensor:
+        """Noise ``x_hat`` to each sample's anchor; the noisiest anchor is pure noise (spec §3.2 step 4:
+        exact for flow matching at σ = 1, enforced for DDPM's t = 999 where √ᾱ is not 0)."""
+        noise = self._randn(x_hat.shape)
+        x = self.schedule.add_noise(x_hat, noise, self.anchor_levels[anchor_idx])
+        first = (anchor_idx == 0).reshape(-1, *([1] * (x.dim() - 1)))
+        return torch.where(first, noise, x)
+
     def generator_input(self, x0_real: torch.Tensor | None, cond, backsim_steps: int | None, batch: int):
-        """Return ``(x_in, anchor_idx)``: backward simulation for ``backsim_steps`` anchors, or noised
-        real latents at a per-sample random anchor when ``backsim_steps`` is None."""
+        """Return ``(x_in, anchor_idx)``: backward simulation for ``backsim_steps`` anchors (spec §3.2), or
+        real latents noised at a per-sample random anchor when ``backsim_steps`` is None (spec §3.3)."""
         n = batch
         if backsim_steps is not None:
             x_hat = self._randn((n, *self.latent_shape))
             for i in range(backsim_steps):
-                level = self.anchor_levels[i].expand(n)
-                x = self.schedule.add_noise(x_hat, self._randn(x_hat.shape), level)
+                idx = torch.full((n,), i, device=self.device, dtype=torch.long)
+                x, level = self._anchor_input(x_hat, idx), self.anchor_levels[idx]
                 x_hat = self.schedule.x0_from_pred(x, self._gen_pred(x, level, cond, grad=False), level)
             anchor_idx = torch.full((n,), backsim_steps, device=self.device, dtype=torch.long)
         else:
@@ -326,8 +329,7 @@ class Engine:
             anchor_idx = torch.randint(
                 0, len(self.d.anchors), (n,), generator=self.rng.noise, device=self.device
             )
-        level = self.anchor_levels[anchor_idx]
-        return self.schedule.add_noise(x_hat, self._randn(x_hat.shape), level), anchor_idx
+        return self._anchor_input(x_hat, anchor_idx), anchor_idx
 
     def isg_levels(self, anchor_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample intermediate and end levels of each sample's segment (spec §7.1 steps 1-2)."""
@@ -348,6 +350,21 @@ class Engine:
 
     # --- one iteration ------------------------------------------------------------------------------
 
+    def _real_inputs(self, batch: dict[str, Any], backsim: bool):
+        """Real latents (when needed) and real images (when the discriminator needs them) of a batch.
+
+        JSON data carries images, which are VAE-encoded; DMD2's LMDB carries latents, which are decoded
+        for the discriminator (spec §9.3)."""
+        need_latent = not backsim or self.d.classifier.enabled
+        with torch.no_grad():
+            if "latent" in batch:
+                x0_real = batch["latent"].to(self.device, non_blocking=True)
+                images = self.adapter.decode_latents(x0_real) if self.disc is not None else None
+            else:
+                images = batch["image"].to(self.device, non_blocking=True)
+                x0_real = self.adapter.encode_images(images, self.rng.noise) if need_latent else None
+        return x0_real, images
+
     def run_iteration(self, k: int, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Train one loop iteration ``k`` on ``batch``; returns its metrics (device tensors)."""
         d = self.d
@@ -356,11 +373,10 @@ class Engine:
         steps = int(torch.randint(0, len(d.anchors), (1,), generator=self.rng.control)) if backsim else None
         prompts = list(batch["prompt"])
         n = len(prompts)
-        images = batch["image"].to(self.device, non_blocking=True)
         with torch.no_grad():
             cond = self.adapter.encode_prompts(prompts)
             uncond = self.adapter.empty_cond(n)
-            x0_real = None if backsim else self.adapter.encode_images(images, self.rng.noise)
+        x0_real, images = self._real_inputs(batch, backsim)
         x_in, anchor_idx = self.generator_input(x0_real, cond, steps, n)
         level, cond_level = self.anchor_levels[anchor_idx], self.anchor_cond_levels[anchor_idx]
         metrics: dict[str, torch.Tensor] = {"gen/backsim": torch.tensor(float(backsim))}
@@ -379,7 +395,7 @@ class Engine:
                     "ignore", message="Detected call of `lr_scheduler.step", category=UserWarning
                 )
                 self.G.sched.step()
-        metrics.update(self.fake_step(x0_gen.detach(), cond))
+        metrics.update(self.fake_step(x0_gen.detach(), cond, x0_real))
         if adv is not None:
             if image_gen is None:
                 with torch.no_grad():
@@ -387,8 +403,21 @@ class Engine:
             metrics.update(self.disc_step(image_gen, images, adv))
         metrics["lr"] = torch.tensor(self.F.sched.get_last_lr()[0])
         if self.cfg.train.image_interval and k % self.cfg.train.image_interval == 0:
-            self.save_images(k, x_in, level, x0_gen, cond, uncond, images)
+            real = images if images is not None else self.adapter.decode_latents(x0_real)
+            self.save_images(k, x_in, level, x0_gen, cond, uncond, real)
         return metrics
+
+    def classifier_logits(self, x0: torch.Tensor, cond) -> torch.Tensor:
+        """DMD2's "diffusion GAN" classifier (spec §9.6): noise ``x0`` at a fresh ``t ~ U{0..T−1}``, run
+        the fake UNet's encoder (bf16 autocast) and the head (fp32). Gradient flows to ``x0``."""
+        n = x0.shape[0]
+        t = torch.randint(
+            0, self.d.classifier.max_timestep, (n,), generator=self.rng.noise, device=self.device
+        )
+        x_t = self.schedule.add_noise(x0, self._randn(x0.shape), t.float())
+        with self._amp():
+            feats = self.adapter.bottleneck(self.F.net, x_t, t.float(), cond)
+        return self.F.net.cls_head(feats)
 
     def generator_step(
         self, x_in, level, cond_level, anchor_idx, cond, uncond, adv
@@ -413,19 +442,34 @@ class Engine:
                 with self._amp():
                     return self.adapter.guided(self.teacher, x, lv, cond, uncond, scale)
 
-            isg, m = intra_segment_guidance_loss(
-                x_in,
-                pred,
-                cond_level,
-                level_mid,
-                level_prev,
-                teacher_pred_fn=teacher_pred,
-                # called under no_grad inside the loss; bf16 autocast as the original (spec §7.1)
-                generator_pred_fn=lambda x, lv: self._gen_pred(x, lv, cond, grad=True),
-                step_fn=self.schedule.step,
-                kind=d.isg.loss,
-                c=d.isg.huber_c,
-            )
+            # called under no_grad inside the loss; bf16 autocast as the original (spec §7.1)
+            gen_pred = lambda x, lv: self._gen_pred(x, lv, cond, grad=True)  # noqa: E731
+            if self.cfg.compat.sdxl_isg_legacy and self.d.timestep_grid == "ddpm":
+                isg, m = sdxl_legacy_isg_loss(
+                    x_in,
+                    pred,
+                    cond_level,
+                    level_mid,
+                    level_prev,
+                    teacher_pred,
+                    gen_pred,
+                    self.schedule.x0_from_pred,
+                    self.schedule.add_noise,
+                    c=d.isg.huber_c,
+                )
+            else:
+                isg, m = intra_segment_guidance_loss(
+                    x_in,
+                    pred,
+                    cond_level,
+                    level_mid,
+                    level_prev,
+                    teacher_pred,
+                    gen_pred,
+                    step_fn=self.schedule.step,
+                    kind=d.isg.loss,
+                    c=d.isg.huber_c,
+                )
             loss = loss + d.isg.weight * isg
             metrics.update(m)
         dm, m = distribution_matching_loss(
@@ -439,6 +483,11 @@ class Engine:
         )
         loss = loss + dm
         metrics.update(m)
+        if d.classifier.gen_weight > 0:
+            # DMD2 generator term; the fake UNet's and head's gradients from it are discarded below
+            cls = d.classifier.gen_weight * dmd2_generator_loss(self.classifier_logits(x0, cond))
+            loss = loss + cls
+            metrics["loss/cls_gen"] = cls.detach()
         image = None
         if adv is not None:
             image = self.adapter.decode_latents(x0)  # differentiable decode (checkpointed VAE)
@@ -460,8 +509,9 @@ class Engine:
             implicit_distribution_alignment_(self.F.net, self.G.net, d.ida.lam)
         return x0.detach(), image, metrics
 
-    def fake_step(self, x0_gen: torch.Tensor, cond) -> dict[str, torch.Tensor]:
-        """Denoising step of the fake score on detached generator samples (spec §5)."""
+    def fake_step(self, x0_gen: torch.Tensor, cond, x0_real: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Denoising step of the fake score on detached generator samples (spec §5), plus DMD2's
+        classifier terms on generated and real latents when the recipe has them (spec §9.6)."""
         n = x0_gen.shape[0]
 
         def pred_fn(x, lv):
@@ -476,6 +526,12 @@ class Engine:
             pred_fn,
             self.schedule.pred_target,
         )
+        if self.d.classifier.fake_weight > 0:
+            cls = self.d.classifier.fake_weight * dmd2_classifier_loss(
+                self.classifier_logits(x0_gen, cond), self.classifier_logits(x0_real, cond)
+            )
+            loss = loss + cls
+            metrics["loss/cls_fake"] = cls.detach()
         metrics["grad_norm/fake"] = self._step(self.F, [loss], "fake")
         self.F.sched.step()
         return metrics
@@ -520,7 +576,7 @@ class Engine:
     # --- images -------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def save_images(self, k, x_in, level, x0_gen, cond, uncond, images) -> None:
+    def save_images(self, k, x_in, level, x0_gen, cond, uncond, images: torch.Tensor) -> None:
         """Strip of generator output, teacher x0, fake x0 (at the generator's input) and real images.
 
         Every rank runs the forwards (they are collectives under FSDP); rank 0 writes the PNG.

@@ -16,6 +16,10 @@ def _adapter_module(family: str):
         from . import flux
 
         return flux, flux.FluxAdapter
+    if family == "sdxl":
+        from . import sdxl
+
+        return sdxl, sdxl.SDXLAdapter
     raise ValueError(f"model.family: unknown family {family!r}")
 
 

@@ -150,21 +150,37 @@ class TeacherAdapter:
         except FileNotFoundError as err:
             raise ConfigError(f"paths.pretrained_model: {err}") from None
 
+    def fake_extras(self) -> dict[str, nn.Module]:
+        """Extra trainable submodules of the fake score only (DMD2's classifier head); none by default."""
+        return {}
+
+    def _build_net(self, config: dict, extras: dict[str, nn.Module] | None = None) -> nn.Module:
+        net = self.transformer_cls.from_config(config)
+        for name, module in (extras or {}).items():
+            net.add_module(name, module)
+        return net
+
     def build_networks(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         """The sharded generator and fake score (trainable) and the frozen teacher (spec §12.5)."""
         p = self.cfg.precision
         teacher_state = self._teacher_state()
-        student_state = self.student_state(teacher_state) if teacher_state is not None else None
+        student_state = fake_state = None
+        extras = self.fake_extras()
+        if teacher_state is not None:  # rank 0
+            student_state = self.student_state(teacher_state)
+            fake_state = dict(student_state)
+            for name, module in extras.items():  # randomly initialised on rank 0, broadcast like the rest
+                fake_state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
         trained_compute = p.compute if p.fsdp_mixed else p.master
         nets = []
-        for config, state, trainable in (
-            (self.generator_config(), student_state, True),
-            (self.generator_config(), student_state, True),
-            (self.transformer_config, teacher_state, False),
+        for config, state, trainable, extra in (
+            (self.generator_config(), student_state, True, None),
+            (self.generator_config(), fake_state, True, extras),
+            (self.transformer_config, teacher_state, False, None),
         ):
             nets.append(
                 build_sharded(
-                    lambda config=config: self.transformer_cls.from_config(config),
+                    lambda config=config, extra=extra: self._build_net(config, extra and self.fake_extras()),
                     state,
                     self.info,
                     blocks=self.blocks,

@@ -621,6 +621,23 @@ def _build_sdxl_into(tmp: Path, final: Path) -> None:
     build_tiny_sdxl(tmp, seed=0)
 
 
+def _build_shapes_sdxl_into(tmp: Path, final: Path) -> None:
+    """The tiny shapes set as DMD2-format latents of the tiny SDXL VAE (128 px -> 4x16x16), in ``tmp``."""
+    from .lmdb_convert import convert_json_to_lmdb
+
+    convert_json_to_lmdb(
+        resolve_tiny("tiny:shapes"),
+        resolve_tiny("tiny:sdxl"),
+        tmp,
+        resolution=128,
+        batch_size=16,
+        device="cpu",
+        seed=0,
+        num_workers=0,
+        progress=False,
+    )
+
+
 def _build_shapes_into(tmp: Path, final: Path) -> None:
     """Build the tiny data set (64 images, seed 0) into ``tmp``, recording image paths under ``final``."""
     _build_dataset(tmp, 64, 128, 0, path_root=final)
@@ -646,6 +663,7 @@ _TINY_BUILDERS: dict[str, tuple[Callable[[Path, Path], None], str]] = {
     "flux": (_build_flux_into, "."),
     "sdxl": (_build_sdxl_into, "."),
     "shapes": (_build_shapes_into, "dataset.json"),
+    "shapes_sdxl": (_build_shapes_sdxl_into, "."),
     "dino": (_build_dino_into, "."),
     "clip": (_build_clip_into, "."),
 }

@@ -23,3 +23,13 @@ def hinge_d_fake(logits: torch.Tensor) -> torch.Tensor:
 def hinge_g(logits: torch.Tensor) -> torch.Tensor:
     """Generator adversarial loss: ``-mean(D)`` per sample, (B,) float32."""
     return -logits.float().flatten(1).mean(dim=1)
+
+
+def dmd2_classifier_loss(logits_fake: torch.Tensor, logits_real: torch.Tensor) -> torch.Tensor:
+    """DMD2's classifier loss on the fake-score turn: ``mean softplus(D(fake)) + mean softplus(−D(real))``."""
+    return F.softplus(logits_fake.float()).mean() + F.softplus(-logits_real.float()).mean()
+
+
+def dmd2_generator_loss(logits: torch.Tensor) -> torch.Tensor:
+    """DMD2's generator term: ``mean softplus(−D(x̂_G))`` (non-saturating)."""
+    return F.softplus(-logits.float()).mean()

@@ -56,3 +56,32 @@ def intra_segment_guidance_loss(
     x_pred = step_fn(x_in, pred_gen, level, level_prev)
     loss = isg_distance(x_pred, x_target, kind, c)
     return loss, {"loss/isg": loss.detach()}
+
+
+def sdxl_legacy_isg_loss(
+    x_in: torch.Tensor,
+    pred_gen: torch.Tensor,
+    level: torch.Tensor,
+    level_mid: torch.Tensor,
+    level_prev: torch.Tensor,
+    teacher_pred_fn: PredFn,
+    generator_pred_fn: PredFn,
+    x0_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    add_noise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    c: float = 1e-3,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SDXL ISG as the original implemented it (spec §7.2, bug B2; ``compat.sdxl_isg_legacy``).
+
+    The target re-uses the teacher's clean estimate at the intermediate point, and both sides are
+    re-noised with the generator's ε at ``x_mid``, so the loss reduces to a pseudo-Huber regression of
+    ``√ᾱ_prev·x̂_G`` onto ``√ᾱ_prev·x̂_T``. ``x0_fn(x, pred, level)`` converts ε to x0.
+    """
+    with torch.no_grad():
+        eps_teacher = teacher_pred_fn(x_in, level)
+        x0_teacher = x0_fn(x_in, eps_teacher, level)
+        x_mid = add_noise(x0_teacher, eps_teacher, level_mid)
+        eps_mid = generator_pred_fn(x_mid, level_mid)
+        x_target = add_noise(x0_teacher, eps_mid, level_prev)
+    x_pred = add_noise(x0_fn(x_in, pred_gen, level), eps_mid, level_prev)
+    loss = isg_distance(x_pred, x_target, "pseudo_huber", c)
+    return loss, {"loss/isg": loss.detach()}
