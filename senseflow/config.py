@@ -145,6 +145,21 @@ class ClassifierConfig:
 
 
 @dataclass
+class DecoupledConfig:
+    """Decoupled DMD (the fork's recipe R6, spec §17): replaces the DM term by separately normalised
+    distribution-matching and CFG-augmentation terms."""
+
+    enabled: bool = False
+    """Use the decoupled generator loss instead of the DM loss."""
+    ca_min_offset: int = 5
+    """The CA term's noise index is at least this many descending-table steps below the generator's."""
+    ca_max_index: int = 980
+    """Largest descending-table index of the CA term's noise level."""
+    eps: float = 1e-8
+    """Added to each term's per-sample normaliser."""
+
+
+@dataclass
 class DistillConfig:
     """The SenseFlow/DMD algorithm (spec §1-§8)."""
 
@@ -168,6 +183,8 @@ class DistillConfig:
     """Adversarial (VFM discriminator) term."""
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     """DMD2 classifier head (SDXL DMD2 baseline)."""
+    decoupled: DecoupledConfig = field(default_factory=DecoupledConfig)
+    """Decoupled-DMD variant (the DM term's CFG scale range is ``dm.guidance``)."""
 
 
 @dataclass
@@ -270,6 +287,22 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging of the metrics and image strips (off unless enabled)."""
+
+    enabled: bool = False
+    """Log to W&B from rank 0 (needs the wandb package)."""
+    project: str = "senseflow"
+    """W&B project."""
+    entity: str = ""
+    """W&B entity (team or user); empty uses the default."""
+    name: str = ""
+    """Run name; empty uses the run directory's name."""
+    mode: str = "online"
+    """``online``, ``offline`` or ``disabled``."""
+
+
+@dataclass
 class LogConfig:
     """Metrics and images."""
 
@@ -279,6 +312,8 @@ class LogConfig:
     """Also write TensorBoard scalars (needs the tensorboard package)."""
     trace_data: bool = False
     """Write the dataset keys each rank consumes to ``data_trace_rank{r}.jsonl`` (debugging/tests)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases."""
 
 
 @dataclass
@@ -302,6 +337,10 @@ class CompatConfig:
     augments the reference independently (DiffAugment), the minimal fix the spec suggests."""
     sdxl_isg_legacy: bool = False
     """B2: SDXL ISG as implemented originally, a regression of x̂_G onto the CFG teacher's one-step x̂₀."""
+    decoupled_legacy_sign: bool = False
+    """B3: the decoupled terms' fork sign (descends away from the conditional teacher and the CFG direction)."""
+    decoupled_legacy_ca_index: bool = False
+    """B4: locate the CA range from the anchor's grid value read as a timestep, not from the generator's σ."""
     flux_bf16_sigma: bool = True
     """N1 (t1000 grid only): noise and recover x0 at the bf16-rounded anchor σ while conditioning the trained
     forward on the fp32 σ, as the original FLUX recipe did."""
@@ -513,6 +552,15 @@ def validate(cfg: Config, source: str = "config") -> None:
         fail(
             "distill.ida.enabled", "must be false with the DMD2 classifier (the fake score has an extra head)"
         )
+    if d.decoupled.enabled and cfg.model.family == "flux":
+        fail(
+            "distill.decoupled.enabled",
+            "needs a teacher with classifier-free guidance (sd3 or sdxl), not flux",
+        )
+    if not 0 <= d.decoupled.ca_max_index <= 999:
+        fail("distill.decoupled.ca_max_index", "must be in 0..999")
+    if cfg.log.wandb.mode not in ("online", "offline", "disabled"):
+        fail("log.wandb.mode", "must be online, offline or disabled")
     if cfg.data.format not in ("json", "lmdb"):
         fail("data.format", "must be json or lmdb")
     if d.gan.time_weight not in ("signal_squared", "signal", "none"):

@@ -34,14 +34,16 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .adapters import build_adapter
+from .adapters.base import cat_cond
 from .checkpoint import CheckpointManager
-from .config import Config, resolve_paths
+from .config import Config, resolve_paths, to_dict
 from .data import build_dataset
 from .data.json_dataset import InfiniteLoader
 from .discriminator import VFMDiscriminator
 from .discriminator.diffaug import diff_augment
 from .distributed import DistInfo, all_reduce_grads_, broadcast_tensors_
 from .errors import ConfigError
+from .losses.decoupled import decoupled_dmd_loss
 from .losses.dm import distribution_matching_loss
 from .losses.fake_score import fake_score_loss
 from .losses.gan import dmd2_classifier_loss, dmd2_generator_loss, hinge_d_fake, hinge_d_real, hinge_g
@@ -173,7 +175,9 @@ class Engine:
         self.ckpt = CheckpointManager(
             self.save_dir, info, cfg.checkpoint.keep_last, cfg.checkpoint.keep_last_exports
         )
-        self.metrics = MetricsSink(self.save_dir, info.is_main, self.device, cfg.log.tensorboard)
+        self.metrics = MetricsSink(
+            self.save_dir, info.is_main, self.device, cfg.log.tensorboard, cfg.log.wandb, to_dict(cfg)
+        )
         self.iteration = 0
         self.counters = {"skipped_images": 0, "nonfinite_gen": 0, "nonfinite_fake": 0, "nonfinite_disc": 0}
 
@@ -295,13 +299,48 @@ class Engine:
 
         return fn
 
-    def _fake_x0_fn(self, cond):
+    def _x0_fn(self, net, cond):
+        """Clean estimate of ``net`` (the fake score, or the teacher without guidance)."""
+
         def fn(x_t, level):
             with self._amp():
-                pred = self.adapter.forward(self.F.net, x_t, level, cond)
+                pred = self.adapter.forward(net, x_t, level, cond)
             return self.schedule.x0_from_pred(x_t, pred, level)
 
         return fn
+
+    def _teacher_pair_x0_fn(self, cond, uncond):
+        """The teacher's conditional and unconditional clean estimates from one doubled batch."""
+
+        def fn(x_t, level):
+            with self._amp():
+                both = self.adapter.forward(
+                    self.teacher, torch.cat([x_t, x_t]), torch.cat([level, level]), cat_cond(uncond, cond)
+                )
+            pred_u, pred_c = both.chunk(2)
+            return self.schedule.x0_from_pred(x_t, pred_c, level), self.schedule.x0_from_pred(
+                x_t, pred_u, level
+            )
+
+        return fn
+
+    def ca_levels(self, anchor_idx: torch.Tensor, cond_level: torch.Tensor) -> torch.Tensor:
+        """Noise levels of the decoupled CA term (spec §17.1 steps 2-3): a descending-table index drawn
+        uniformly between the generator's own position (+ ``ca_min_offset``) and ``ca_max_index``.
+
+        The generator's position is its true σ (B4 fixed); ``compat.decoupled_legacy_ca_index`` reads the
+        anchor's grid value as a timestep instead, as the fork did."""
+        dc = self.d.decoupled
+        tau = self.schedule.timesteps_for_model(self.schedule.sigmas_desc.to(self.device))
+        if self.cfg.compat.decoupled_legacy_ca_index:
+            target = self.anchor_grid[anchor_idx].float()
+        else:
+            target = self.schedule.timesteps_for_model(cond_level)
+        j_gen = (tau[None, :] - target[:, None]).abs().argmin(dim=1)
+        start = (j_gen + dc.ca_min_offset).clamp(max=dc.ca_max_index)
+        u = torch.rand(anchor_idx.shape, generator=self.rng.noise, device=self.device)
+        j_ca = start + (u * (dc.ca_max_index - start + 1)).floor().long()
+        return self.schedule.table_level(j_ca.clamp(max=dc.ca_max_index), "descending")
 
     # --- generator input (spec §3) ------------------------------------------------------------------
 
@@ -472,15 +511,31 @@ class Engine:
                 )
             loss = loss + d.isg.weight * isg
             metrics.update(m)
-        dm, m = distribution_matching_loss(
-            x0,
-            self._randn(x0.shape),
-            self._sample_levels(d.dm.timesteps, n),
-            self.schedule.add_noise,
-            real_x0_fn=self._teacher_x0_fn(cond, uncond, self._uniform(d.dm.guidance, n)),
-            fake_x0_fn=self._fake_x0_fn(cond),
-            normalizer_eps=d.dm.normalizer_eps,
-        )
+        if d.decoupled.enabled:
+            dm, m = decoupled_dmd_loss(
+                x0,
+                self._sample_levels(d.dm.timesteps, n),
+                self.ca_levels(anchor_idx, cond_level),
+                self._randn(x0.shape),
+                self._randn(x0.shape),
+                self._uniform(d.dm.guidance, n),
+                self.schedule.add_noise,
+                teacher_x0_fn=self._teacher_pair_x0_fn(cond, uncond),
+                teacher_cond_x0_fn=self._x0_fn(self.teacher, cond),
+                fake_x0_fn=self._x0_fn(self.F.net, cond),
+                legacy_sign=self.cfg.compat.decoupled_legacy_sign,
+                eps=d.decoupled.eps,
+            )
+        else:
+            dm, m = distribution_matching_loss(
+                x0,
+                self._randn(x0.shape),
+                self._sample_levels(d.dm.timesteps, n),
+                self.schedule.add_noise,
+                real_x0_fn=self._teacher_x0_fn(cond, uncond, self._uniform(d.dm.guidance, n)),
+                fake_x0_fn=self._x0_fn(self.F.net, cond),
+                normalizer_eps=d.dm.normalizer_eps,
+            )
         loss = loss + dm
         metrics.update(m)
         if d.classifier.gen_weight > 0:
@@ -584,13 +639,14 @@ class Engine:
         n = x_in.shape[0]
         scale = torch.full((n,), sum(self.d.dm.guidance) / 2, device=self.device)
         x0_teacher = self._teacher_x0_fn(cond, uncond, scale)(x_in, level)
-        x0_fake = self._fake_x0_fn(cond)(x_in, level)
+        x0_fake = self._x0_fn(self.F.net, cond)(x_in, level)
         rows = [self.adapter.decode_latents(z) for z in (x0_gen, x0_teacher, x0_fake)]
         if self.info.is_main:
             out = self.save_dir / "images"
             out.mkdir(exist_ok=True)
             grid = image_grid([*rows, images.float()], ["generator", "teacher x0", "fake x0", "real"])
             grid.save(out / f"iter_{k:07d}.png")
+            self.metrics.image("images/strip", out / f"iter_{k:07d}.png", k)
 
     # --- checkpointing ------------------------------------------------------------------------------
 

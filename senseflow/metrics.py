@@ -53,17 +53,49 @@ class MetricsSink:
     host; the mean over ranks is taken at write time.
     """
 
-    def __init__(self, save_dir: Path, is_main: bool, device: torch.device, tensorboard: bool = False):
+    def __init__(
+        self,
+        save_dir: Path,
+        is_main: bool,
+        device: torch.device,
+        tensorboard: bool = False,
+        wandb=None,
+        config: dict | None = None,
+    ):
         self.is_main = is_main
         self.device = device
         self.path = save_dir / "metrics.jsonl"
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
         self._tb = None
+        self._wandb = None
         if tensorboard and is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(save_dir / "tensorboard"))
+        if wandb is not None and wandb.enabled and is_main:
+            try:
+                import wandb as wandb_lib
+            except ImportError:
+                from .errors import ConfigError
+
+                raise ConfigError("log.wandb.enabled: needs the wandb package (pip install wandb)") from None
+            self._wandb = wandb_lib.init(
+                project=wandb.project,
+                entity=wandb.entity or None,
+                name=wandb.name or save_dir.name,
+                mode=wandb.mode,
+                dir=str(save_dir),
+                config=config,
+                resume="allow",
+            )
+
+    def image(self, name: str, path: Path, step: int) -> None:
+        """Send a written image file to W&B (the PNG on disk is the primary record)."""
+        if self._wandb is not None:
+            import wandb as wandb_lib
+
+            self._wandb.log({name: wandb_lib.Image(str(path))}, step=step)
 
     def add(self, metrics: dict[str, torch.Tensor | float]) -> None:
         """Accumulate one iteration's scalars."""
@@ -91,16 +123,22 @@ class MetricsSink:
         if self.is_main:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            scalars = {
+                k: v for k, v in record.items() if isinstance(v, float | int) and k not in ("time", "iter")
+            }
             if self._tb is not None:
-                for k, v in record.items():
-                    if isinstance(v, float) and k not in ("time",):
-                        self._tb.add_scalar(k, v, step)
+                for k, v in scalars.items():
+                    self._tb.add_scalar(k, v, step)
+            if self._wandb is not None:
+                self._wandb.log(scalars, step=step)
         return record
 
     def close(self) -> None:
-        """Flush TensorBoard."""
+        """Flush TensorBoard and W&B."""
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

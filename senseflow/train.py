@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import load_config, resolve_paths, save_config
 from .distributed import barrier, cleanup, init_distributed
-from .errors import ConfigError, SenseFlowError
+from .errors import SenseFlowError
 from .metrics import setup_logging
 
 logger = logging.getLogger("senseflow.train")
@@ -40,26 +40,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def preflight(cfg) -> None:
-    """Cheap checks of everything a run reads, before any process group or model exists."""
-    from .adapters import check_teacher_dir
-    from .data.json_dataset import JsonImageDataset
+    """Cheap checks of everything a run reads, before any process group or model exists.
 
-    root = check_teacher_dir(cfg)
-    data = JsonImageDataset(
-        cfg.paths.dataset,
-        cfg.train.resolution,
-        resize=not cfg.compat.no_image_resize,
-        check_paths=cfg.data.check_paths,
-    )
-    if cfg.distill.gan.weight > 0:
-        from .discriminator.text import resolve_clip_files
+    The cheap part of ``python -m senseflow.check`` (teacher folder and weights, dataset index and image
+    paths, discriminator backbones); the first problem is raised as a ConfigError/DataError.
+    """
+    from .check import preflight_checks
 
-        dino = Path(cfg.paths.dino)
-        if not (dino / "config.json").is_file():
-            raise ConfigError(
-                f"paths.dino: {dino} is not a DINOv2 folder in the transformers layout (no config.json)"
-            )
-        resolve_clip_files(cfg.paths.clip, cfg.model.random_init)
+    root, data = preflight_checks(cfg)
     logger.info("preflight ok: teacher %s, %d training images", root, len(data))
 
 

@@ -48,6 +48,60 @@ def test_recipe_values_match_the_spec():
         1.0,
     )
     assert large.optimizer.name == "adamw8bit" and large.distill.anchors == [999, 749, 499, 249]
+    dec = load_config(REPO / "configs/SD35/sd35_senseflow_decoupled.yaml")  # R6, the fork's settings
+    assert dec.distill.decoupled.enabled and (
+        dec.train.seed,
+        dec.train.save_interval,
+        dec.train.image_interval,
+    ) == (42, 2000, 60)
+    assert (dec.lr_scheduler.lr_start, dec.lr_scheduler.lr_max) == (1e-5, 1e-5)
+    assert (
+        dec.distill.dm.timesteps.dist,
+        dec.distill.dm.timesteps.min_index,
+        dec.distill.dm.timesteps.max_index,
+    ) == ("logit_normal", 20, 980)
+    flux = load_config(REPO / "configs/FLUX/flux_senseflow.yaml")  # R3
+    d = flux.distill
+    assert (d.generator_period, d.ida.lam, d.isg.weight, d.isg.margin, d.gan.weight, d.anchors) == (
+        5,
+        0.97,
+        1.0,
+        20,
+        2.0,
+        [1000, 904, 759, 512],
+    )
+    assert (flux.lr_scheduler.lr_start, flux.lr_scheduler.lr_max, flux.train.save_interval) == (
+        5e-6,
+        1e-5,
+        1500,
+    )
+    assert (flux.optimizer.name, flux.precision.master, flux.model.t5_max_length) == (
+        "adamw8bit",
+        "bf16",
+        512,
+    )
+    sdxl, dmd2 = (
+        load_config(REPO / f"configs/sdxl/{n}.yaml") for n in ("sdxl_senseflow", "sdxl_dmd2")
+    )  # R4, R5
+    assert (
+        sdxl.distill.isg.weight,
+        sdxl.distill.isg.guidance,
+        sdxl.distill.gan.weight,
+        sdxl.distill.ida.enabled,
+    ) == (0.2, [3, 15], 0.5, False)
+    assert (sdxl.distill.dm.guidance, sdxl.distill.gan.time_weight, sdxl.data.format) == (
+        [8, 8],
+        "signal",
+        "lmdb",
+    )
+    c = dmd2.distill
+    assert (
+        c.backsim_prob,
+        c.isg.weight,
+        c.gan.weight,
+        c.classifier.gen_weight,
+        c.classifier.fake_weight,
+    ) == (0, 0, 0, 0.005, 0.01)
 
 
 def test_unknown_key_names_file_and_key(tmp_path):

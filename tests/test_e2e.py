@@ -34,6 +34,7 @@ def _losses(record: dict) -> dict[str, float]:
 RECIPES = [
     ("exp_sd35/train_SD35_senseflow.sh", "configs/tiny/sd35_senseflow_tiny.yaml"),
     ("exp_sd35/train_SD35_large_senseflow.sh", "configs/tiny/sd35_large_senseflow_tiny.yaml"),
+    ("exp_sd35/train_SD35_senseflow_decoupled.sh", "configs/tiny/sd35_senseflow_decoupled_tiny.yaml"),
     ("exp_flux/train_flux_senseflow.sh", "configs/tiny/flux_senseflow_tiny.yaml"),
     ("exp_sdxl/train_sdxl_senseflow.sh", "configs/tiny/sdxl_senseflow_tiny.yaml"),
     ("exp_sdxl/train_sdxl_dmd2.sh", "configs/tiny/sdxl_dmd2_tiny.yaml"),
@@ -41,6 +42,7 @@ RECIPES = [
 # which losses each recipe logs on a generator iteration
 LOSSES = {
     "sdxl_dmd2_tiny": ("loss/dm", "loss/cls_gen", "loss/fake", "loss/cls_fake"),
+    "sd35_senseflow_decoupled_tiny": ("loss/dm", "loss/ca", "loss/isg", "loss/gan", "loss/fake", "loss/disc_fake"),
 }
 DEFAULT_LOSSES = ("loss/dm", "loss/isg", "loss/gan", "loss/fake", "loss/disc_real", "loss/disc_fake")
 
