@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data import build_dataset
 from .errors import ConfigError, DataError, SenseFlowError
 
 logger = logging.getLogger("senseflow.check")
@@ -178,22 +179,11 @@ def check_dataset(cfg, check_paths: bool = True) -> CheckResult:
     """
     result = CheckResult("dataset")
     try:
-        if getattr(cfg.data, "format", "json") == "lmdb":
-            from .data.lmdb_dataset import LmdbLatentDataset
-
-            data = LmdbLatentDataset(cfg.paths.dataset)
+        data = build_dataset(cfg, check_paths=check_paths)
+        if cfg.data.format == "lmdb":
             result.value = data
             result.ok = f"paths.dataset: {data.path} (LMDB of {len(data)} latents of shape {tuple(data.latent_shape)})"
             return result
-        from .data.json_dataset import JsonImageDataset
-
-        data = JsonImageDataset(
-            cfg.paths.dataset,
-            cfg.train.resolution,
-            resize=not cfg.compat.no_image_resize,
-            on_error=cfg.data.on_error,
-            check_paths=check_paths,
-        )
     except SenseFlowError as err:
         result.problems.append(err)
         return result

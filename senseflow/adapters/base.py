@@ -143,8 +143,14 @@ class TeacherAdapter:
         if not self.info.is_main:
             return None
         if self.cfg.model.random_init:
-            with torch.device(self.device):
-                return self.transformer_cls.from_config(self.transformer_config).state_dict()
+            # built directly on the device and in the teacher's dtype (a 12 B model is 48 GB in fp32)
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(DTYPE[self.cfg.precision.teacher])
+            try:
+                with torch.device(self.device):
+                    return self.transformer_cls.from_config(self.transformer_config).state_dict()
+            finally:
+                torch.set_default_dtype(default)
         try:
             return read_diffusers_weights(self.root / self.net_subfolder)
         except FileNotFoundError as err:
