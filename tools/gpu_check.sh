@@ -1,20 +1,24 @@
 #!/bin/sh
-# GPU proof of the CUDA paths (run from the repo root on a machine with 2 GPUs):
-#  1. the tiny SD3.5 recipe on 2 GPUs (torchrun, NCCL, bf16), stopped at 20 iterations and resumed to 30;
-#  2. SD3.5 Medium at full architecture size with random weights (no download) on 1 GPU;
-#  3. the same on 2 GPUs (FSDP2 sharding of G, F and T).
-# Prints a timing/memory summary of each run (python -m senseflow.summarize). Logs go to $OUT.
+# GPU proof of the CUDA paths and speed/memory of each recipe at full size with random weights
+# (no downloads). Run from the repo root; name the checks to run (default: the SD3.5 ones):
+#
+#   sh tools/gpu_check.sh tiny_sd35 medium_1gpu medium_2gpu
+#
+# tiny_<recipe>      the tiny recipe on 2 GPUs (torchrun, NCCL, bf16); tiny_sd35 also stops and resumes
+# medium_{1,2}gpu    SD3.5 Medium recipe, 1024 px, one image per GPU
+# large_2gpu         SD3.5 Large recipe on 2 GPUs
+# flux_2gpu          FLUX.1-dev recipe on 2 GPUs (bf16 weights, 8-bit AdamW)
+# sdxl_1gpu, dmd2_1gpu   SDXL SenseFlow and DMD2 recipes on 1 GPU
+# Each prints `python -m senseflow.summarize` of its run; logs go to $OUT (default /tmp/gpu_check).
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 ITERS=${ITERS:-22}
 export SENSEFLOW_CACHE=${SENSEFLOW_CACHE:-/tmp/senseflow_cache}
 mkdir -p "$OUT"
 BF16="train.device=cuda precision.compute=bf16 precision.teacher=bf16 precision.text_encoders=bf16 log.progress_bar=false"
-TINY=configs/tiny/sd35_senseflow_tiny.yaml
-FULL="paths.pretrained_model=arch:sd35_medium model.random_init=true paths.dataset=tiny:shapes \
-paths.dino=arch:dinov2_large paths.clip=arch:clip_vit_l14 checkpoint.enabled=false train.log_interval=1 \
-train.image_interval=0 log.progress_bar=false train.iter_num=$ITERS"
-L=exp_sd35/train_SD35_senseflow.sh
+FULL="model.random_init=true paths.dataset=tiny:shapes data.format=json paths.dino=arch:dinov2_large \
+paths.clip=arch:clip_vit_l14 checkpoint.enabled=false train.log_interval=1 train.image_interval=0 \
+log.progress_bar=false train.resolution=1024"
 
 step() {  # name, command...
     name=$1; shift
@@ -24,12 +28,40 @@ step() {  # name, command...
     [ "$status" = ok ] || tail -n 25 "$OUT/$name.log"
 }
 
+summary() { python -m senseflow.summarize "$OUT/$1" --skip "${2:-3}" 2>&1 | tr -d '\n '; echo; }
+
+tiny() {  # name launcher config
+    step "$1" sh "$2" 1 2 "$3" "$OUT/$1" $BF16 train.iter_num=10 train.log_interval=1
+    summary "$1" 0
+}
+
+full() {  # name launcher config arch nproc [overrides...]
+    name=$1 launcher=$2 config=$3 arch=$4 nproc=$5; shift 5
+    devices=0; [ "$nproc" -gt 1 ] && devices=0,1
+    step "$name" env CUDA_VISIBLE_DEVICES=$devices sh "$launcher" 1 "$nproc" "$config" "$OUT/$name" $FULL \
+        "paths.pretrained_model=arch:$arch" "train.iter_num=$ITERS" "$@"
+    summary "$name"
+}
+
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-step tiny2 sh $L 1 2 $TINY "$OUT/tiny2" $BF16 train.iter_num=20
-step tiny2_resume sh $L 1 2 $TINY "$OUT/tiny2" $BF16 train.iter_num=30
-grep -h "resumed from" "$OUT/tiny2_resume.log" | tail -n 1
-python -m senseflow.summarize "$OUT/tiny2" --skip 0
-step medium_1gpu env CUDA_VISIBLE_DEVICES=0 sh $L 1 1 configs/SD35/sd35_senseflow.yaml "$OUT/m1" $FULL
-python -m senseflow.summarize "$OUT/m1"
-step medium_2gpu sh $L 1 2 configs/SD35/sd35_senseflow.yaml "$OUT/m2" $FULL
-python -m senseflow.summarize "$OUT/m2"
+[ $# -gt 0 ] || set -- tiny_sd35 medium_1gpu medium_2gpu
+for check in "$@"; do
+    case $check in
+        tiny_sd35)
+            L=exp_sd35/train_SD35_senseflow.sh C=configs/tiny/sd35_senseflow_tiny.yaml
+            step tiny_sd35 sh $L 1 2 $C "$OUT/tiny_sd35" $BF16 train.iter_num=20
+            step tiny_sd35_resume sh $L 1 2 $C "$OUT/tiny_sd35" $BF16 train.iter_num=30
+            grep -h "resumed from" "$OUT/tiny_sd35_resume.log" | tail -n 1 ;;
+        tiny_flux) tiny tiny_flux exp_flux/train_flux_senseflow.sh configs/tiny/flux_senseflow_tiny.yaml ;;
+        tiny_sdxl) tiny tiny_sdxl exp_sdxl/train_sdxl_senseflow.sh configs/tiny/sdxl_senseflow_tiny.yaml ;;
+        tiny_dmd2) tiny tiny_dmd2 exp_sdxl/train_sdxl_dmd2.sh configs/tiny/sdxl_dmd2_tiny.yaml ;;
+        tiny_decoupled) tiny tiny_decoupled exp_sd35/train_SD35_senseflow_decoupled.sh configs/tiny/sd35_senseflow_decoupled_tiny.yaml ;;
+        medium_1gpu) full medium_1gpu exp_sd35/train_SD35_senseflow.sh configs/SD35/sd35_senseflow.yaml sd35_medium 1 ;;
+        medium_2gpu) full medium_2gpu exp_sd35/train_SD35_senseflow.sh configs/SD35/sd35_senseflow.yaml sd35_medium 2 ;;
+        large_2gpu) full large_2gpu exp_sd35/train_SD35_large_senseflow.sh configs/SD35/sd35_large_senseflow.yaml sd35_large 2 ;;
+        flux_2gpu) full flux_2gpu exp_flux/train_flux_senseflow.sh configs/FLUX/flux_senseflow.yaml flux_dev 2 ;;
+        sdxl_1gpu) full sdxl_1gpu exp_sdxl/train_sdxl_senseflow.sh configs/sdxl/sdxl_senseflow.yaml sdxl_base 1 ;;
+        dmd2_1gpu) full dmd2_1gpu exp_sdxl/train_sdxl_dmd2.sh configs/sdxl/sdxl_dmd2.yaml sdxl_base 1 ;;
+        *) echo "unknown check $check" >&2 ;;
+    esac
+done
