@@ -157,6 +157,7 @@ class Engine:
         self.schedule = self.adapter.schedule
         self.latent_shape = self.adapter.latent_shape(cfg.train.resolution)
         t0 = time.time()
+        torch.manual_seed(cfg.train.seed)  # randomly initialised parts (DMD2 head, D heads) are reproducible
         generator, fake, self.teacher = self.adapter.build_networks()
         logger.info("built generator, fake score and teacher in %.1fs", time.time() - t0)
         self.G = self._trainee(generator)
@@ -209,7 +210,6 @@ class Engine:
         cfg = self.cfg
         if cfg.distill.gan.weight <= 0:
             return None, None
-        torch.manual_seed(cfg.train.seed)  # identical heads on every rank (also broadcast below)
         disc = VFMDiscriminator(
             cfg.discriminator,
             cfg.paths.dino,

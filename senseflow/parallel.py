@@ -11,6 +11,7 @@ holds (``broadcast_from_rank0``), so host memory does not scale with the number 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import warnings
@@ -45,11 +46,22 @@ def mixed_precision_policy(compute: str) -> MixedPrecisionPolicy | None:
 
 
 def shard(model: nn.Module, blocks: Iterable[nn.Module], mp_policy: MixedPrecisionPolicy | None) -> nn.Module:
-    """``fully_shard`` each block, then the root (which takes the remaining parameters)."""
-    kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    """``fully_shard`` each block, then the root (which takes the remaining parameters).
+
+    Only the root casts its floating-point inputs to the compute dtype. Blocks keep their inputs as
+    they are (the engine computes under autocast): FSDP2 skips the cast when activation checkpointing
+    recomputes a block in backward, so a block-level cast would make the recomputation differ from
+    the forward (e.g. FLUX's fp32 rotary embeddings). Blocks marked ``fsdp_compute_fp32`` (DMD2's
+    classifier head) compute in their fp32 storage dtype.
+    """
+    block_policy = fp32_policy = None
+    if mp_policy is not None:
+        block_policy = dataclasses.replace(mp_policy, cast_forward_inputs=False)
+        fp32_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in blocks:
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+        policy = fp32_policy if getattr(block, "fsdp_compute_fp32", False) else block_policy
+        fully_shard(block, **({"mp_policy": policy} if policy is not None else {}))
+    fully_shard(model, **({"mp_policy": mp_policy} if mp_policy is not None else {}))
     return model
 
 

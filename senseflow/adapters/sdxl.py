@@ -38,6 +38,8 @@ class DMD2ClassifierHead(nn.Module):
     and SiLU down to 4x4, a 4x4 stride-4 convolution to 1x1 (+ GN, SiLU), then a 1x1 convolution to one
     logit. At SDXL size (1280 x 32 x 32) that is exactly DMD2's 32 -> 16 -> 8 -> 4 -> 1 stack."""
 
+    fsdp_compute_fp32 = True  # the head runs in fp32 (spec §9.6), also under FSDP2 mixed precision
+
     def __init__(self, channels: int, size: int):
         super().__init__()
         if size < 4 or 2 ** round(math.log2(size)) != size:
