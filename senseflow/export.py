@@ -27,6 +27,7 @@ from .errors import ConfigError, SenseFlowError
 from .inference import build_inference, load_generator
 from .parallel import DTYPE
 from .sampling import inference_levels, scheduler_sigmas
+from .schedules import FlowMatchingSchedule
 
 logger = logging.getLogger("senseflow.export")
 
@@ -52,7 +53,7 @@ def export_generator(
             "checkpoint": str(checkpoint),
             "dtype": str(dtype).removeprefix("torch."),
             "levels": [round(float(v), 6) for v in levels],
-            "scheduler_sigmas": scheduler_sigmas(levels, adapter.schedule),
+            **_scheduler_hint(levels, adapter.schedule),
             "guidance_scale": 0.0,
             "max_sequence_length": cfg.model.t5_max_length,
         }
@@ -68,6 +69,14 @@ def export_generator(
         raise
     logger.info("exported the generator of %s to %s (%s)", checkpoint, out, info["dtype"])
     return out
+
+
+def _scheduler_hint(levels: torch.Tensor, schedule) -> dict:
+    """How to make a stock scheduler sample the trained levels: flow matching takes ``sigmas`` (undoing
+    its shift), DDPM families (SDXL) take the trained ``timesteps`` themselves."""
+    if isinstance(schedule, FlowMatchingSchedule):
+        return {"scheduler_sigmas": scheduler_sigmas(levels, schedule)}
+    return {"scheduler_timesteps": [int(v) for v in levels]}
 
 
 def _record_diffusers_class(config_json: Path, cls: type) -> None:

@@ -440,9 +440,13 @@ def script_parser(
     default_config: str,
     default_folder: str,
     sd35_legacy_flag: bool = False,
+    net_config_flag: str = "--transformer_config",
+    net_config_default: str | None = None,
 ) -> argparse.ArgumentParser:
-    """The arguments shared by every ``scripts_*/test_senseflow_*.py`` (defaults of spec §15.1);
-    ``sd35_legacy_flag`` adds ``--sd35_legacy_sigmas`` (the SD3.5 scripts)."""
+    """The arguments shared by every ``scripts_*/test_*.py`` (defaults of spec §15.1).
+
+    ``net_config_flag`` names the generator-config option (``--transformer_config``, ``--dit_config``,
+    ``--unet_config``); ``sd35_legacy_flag`` adds ``--sd35_legacy_sigmas`` (the SD3.5 scripts)."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument(
         teacher_flag, dest="teacher", required=True, metavar="DIR", help="teacher folder in diffusers layout"
@@ -453,9 +457,12 @@ def script_parser(
         help="generator: ckpt_model_*.pth, .safetensors, a run dir or checkpoints/step_*, or a diffusers folder",
     )
     p.add_argument(
-        "--transformer_config",
-        default=None,
-        help="transformer config.json to check against the teacher's (default: the teacher's own)",
+        net_config_flag,
+        dest="net_config",
+        default=net_config_default,
+        help="generator config.json, checked against the generator built from the teacher (default: "
+        + (net_config_default or "the teacher's own")
+        + ")",
     )
     p.add_argument("--config", default=default_config, help=f"recipe config (default {default_config})")
     p.add_argument("--prompts_file", default="senseflow_test_prompts.txt", help="one prompt per line")
@@ -501,6 +508,8 @@ def run_script(
     folder: str,
     repo_root: Path,
     sd35_legacy_flag: bool = False,
+    net_config_flag: str = "--transformer_config",
+    net_config_default: str | None = None,
     report: Callable[[str], None] = logger.info,
 ) -> Path:
     """Generate the prompts of a prompt file with a distilled generator (the test scripts' body).
@@ -511,7 +520,16 @@ def run_script(
     """
     from .metrics import setup_logging
 
-    parser = script_parser(prog, description, teacher_flag, default_config, folder, sd35_legacy_flag)
+    parser = script_parser(
+        prog,
+        description,
+        teacher_flag,
+        default_config,
+        folder,
+        sd35_legacy_flag,
+        net_config_flag,
+        net_config_default,
+    )
     args = parser.parse_args(argv)
     legacy = getattr(args, "sd35_legacy_sigmas", False)
     setup_logging(0)
@@ -526,13 +544,13 @@ def run_script(
         torch.cuda.reset_peak_memory_stats(device)
 
     cfg, adapter = build_inference(resolve_file(args.config, repo_root), args.teacher, device, dtype)
-    if args.transformer_config is not None:
+    if args.net_config is not None:
         check_model_config(
-            Path(args.transformer_config),
-            adapter.transformer_config,
+            resolve_file(args.net_config, repo_root),
+            adapter.generator_config(),
             adapter.transformer_cls,
-            "--transformer_config",
-            f"the teacher's transformer ({cfg.paths.pretrained_model})",
+            net_config_flag,
+            f"the generator built from the teacher ({cfg.paths.pretrained_model})",
         )
     levels = inference_levels(cfg, adapter.schedule, args.num_steps, legacy)
     height = args.height or default_resolution(adapter)
