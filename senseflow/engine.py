@@ -51,6 +51,7 @@ from .losses.ida import implicit_distribution_alignment_
 from .losses.isg import intra_segment_guidance_loss, sdxl_legacy_isg_loss
 from .metrics import MetricsSink, image_grid
 from .parallel import DTYPE, full_state_dict, reshard
+from .profiling import PhaseTimer
 from .schedules import sample_table_index
 
 logger = logging.getLogger(__name__)
@@ -176,6 +177,7 @@ class Engine:
         self.ckpt = CheckpointManager(
             self.save_dir, info, cfg.checkpoint.keep_last, cfg.checkpoint.keep_last_exports
         )
+        self.timer = PhaseTimer(self.device)  # enabled by the benchmark
         self.metrics = MetricsSink(
             self.save_dir, info.is_main, self.device, cfg.log.tensorboard, cfg.log.wandb, to_dict(cfg)
         )
@@ -412,34 +414,40 @@ class Engine:
         steps = int(torch.randint(0, len(d.anchors), (1,), generator=self.rng.control)) if backsim else None
         prompts = list(batch["prompt"])
         n = len(prompts)
-        with torch.no_grad():
+        with torch.no_grad(), self.timer.phase("text_encode"):
             cond = self.adapter.encode_prompts(prompts)
             uncond = self.adapter.empty_cond(n)
-        x0_real, images = self._real_inputs(batch, backsim)
-        x_in, anchor_idx = self.generator_input(x0_real, cond, steps, n)
+        with self.timer.phase("vae_encode"):
+            x0_real, images = self._real_inputs(batch, backsim)
+        with self.timer.phase("backward_simulation"):
+            x_in, anchor_idx = self.generator_input(x0_real, cond, steps, n)
         level, cond_level = self.anchor_levels[anchor_idx], self.anchor_cond_levels[anchor_idx]
         metrics: dict[str, torch.Tensor] = {"gen/backsim": torch.tensor(float(backsim))}
-        adv = self.adversarial_inputs(prompts, images, anchor_idx) if self.disc is not None else None
+        with self.timer.phase("disc_conditioning"):
+            adv = self.adversarial_inputs(prompts, images, anchor_idx) if self.disc is not None else None
 
         image_gen = None
         if gen_step:
             x0_gen, image_gen, m = self.generator_step(x_in, level, cond_level, anchor_idx, cond, uncond, adv)
             metrics.update(m)
         else:
-            pred = self._gen_pred(x_in, cond_level, cond, grad=False)
-            x0_gen = self.schedule.x0_from_pred(x_in, pred, level)
+            with self.timer.phase("gen_forward"):
+                pred = self._gen_pred(x_in, cond_level, cond, grad=False)
+                x0_gen = self.schedule.x0_from_pred(x_in, pred, level)
         if gen_step or self.cfg.compat.lr_schedule_per_iteration:
             with warnings.catch_warnings():  # stepping the schedule without an optimiser step is intended
                 warnings.filterwarnings(
                     "ignore", message="Detected call of `lr_scheduler.step", category=UserWarning
                 )
                 self.G.sched.step()
-        metrics.update(self.fake_step(x0_gen.detach(), cond, x0_real))
+        with self.timer.phase("fake_step"):
+            metrics.update(self.fake_step(x0_gen.detach(), cond, x0_real))
         if adv is not None:
             if image_gen is None:
-                with torch.no_grad():
+                with torch.no_grad(), self.timer.phase("vae_decode"):
                     image_gen = self.adapter.decode_latents(x0_gen)
-            metrics.update(self.disc_step(image_gen, images, adv))
+            with self.timer.phase("disc_step"):
+                metrics.update(self.disc_step(image_gen, images, adv))
         metrics["lr"] = torch.tensor(self.F.sched.get_last_lr()[0])
         if self.cfg.train.image_interval and k % self.cfg.train.image_interval == 0:
             real = images if images is not None else self.adapter.decode_latents(x0_real)
@@ -461,58 +469,76 @@ class Engine:
     def generator_step(
         self, x_in, level, cond_level, anchor_idx, cond, uncond, adv
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-        """ISG + DM + GAN loss, one backward and step of ``G``, then IDA (spec §1.2 steps 4-7).
+        """ISG + DM + adversarial loss, one backward and step of ``G``, then IDA (spec §1.2 steps 4-7).
 
         ``level`` noised ``x_in`` and recovers x0; ``cond_level`` conditions the generator (they differ only
         under ``compat.flux_bf16_sigma``). Returns the detached sample, its decoded image (None without
         discriminator) and metrics.
         """
-        d = self.d
-        n = x_in.shape[0]
-        pred = self._gen_pred(x_in, cond_level, cond, grad=True)
-        x0 = self.schedule.x0_from_pred(x_in, pred, level)
+        d, phase = self.d, self.timer.phase
+        with phase("gen_forward"):
+            pred = self._gen_pred(x_in, cond_level, cond, grad=True)
+            x0 = self.schedule.x0_from_pred(x_in, pred, level)
         metrics: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=self.device)
         if d.isg.weight > 0:
-            level_mid, level_prev = self.isg_levels(anchor_idx)
-            scale = self._uniform(d.isg.guidance, n)
-
-            def teacher_pred(x, lv):
-                with self._amp():
-                    return self.adapter.guided(self.teacher, x, lv, cond, uncond, scale)
-
-            # called under no_grad inside the loss; bf16 autocast as the original (spec §7.1)
-            gen_pred = lambda x, lv: self._gen_pred(x, lv, cond, grad=True)  # noqa: E731
-            if self.cfg.compat.sdxl_isg_legacy and self.d.timestep_grid == "ddpm":
-                isg, m = sdxl_legacy_isg_loss(
-                    x_in,
-                    pred,
-                    cond_level,
-                    level_mid,
-                    level_prev,
-                    teacher_pred,
-                    gen_pred,
-                    self.schedule.x0_from_pred,
-                    self.schedule.add_noise,
-                    c=d.isg.huber_c,
-                )
-            else:
-                isg, m = intra_segment_guidance_loss(
-                    x_in,
-                    pred,
-                    cond_level,
-                    level_mid,
-                    level_prev,
-                    teacher_pred,
-                    gen_pred,
-                    step_fn=self.schedule.step,
-                    kind=d.isg.loss,
-                    c=d.isg.huber_c,
-                )
+            with phase("isg"):
+                isg, m = self._isg_term(x_in, pred, cond_level, anchor_idx, cond, uncond)
             loss = loss + d.isg.weight * isg
             metrics.update(m)
+        with phase("dm"):
+            dm, m = self._dm_term(x0, cond_level, anchor_idx, cond, uncond)
+        loss = loss + dm
+        metrics.update(m)
+        if d.classifier.gen_weight > 0:
+            # DMD2 generator term; the fake UNet's and head's gradients from it are discarded below
+            with phase("classifier"):
+                cls = d.classifier.gen_weight * dmd2_generator_loss(self.classifier_logits(x0, cond))
+            loss = loss + cls
+            metrics["loss/cls_gen"] = cls.detach()
+        image = None
+        if adv is not None:
+            with phase("gan_generator"):
+                gan, image = self._gan_term(x0, adv)
+            loss = loss + gan
+            metrics["loss/gan"] = gan.detach()
+        metrics["loss/gen"] = loss.detach()
+        with phase("gen_backward_step"):
+            metrics["grad_norm/gen"] = self._step(self.G, [loss], "gen")
+        if self.disc is not None and not self.cfg.compat.d_grad_leak:
+            self.disc.heads.requires_grad_(True)
+        self.F.opt.zero_grad(set_to_none=True)
+        if d.ida.enabled:
+            with phase("ida"):
+                implicit_distribution_alignment_(self.F.net, self.G.net, d.ida.lam)
+        return x0.detach(), image, metrics
+
+    def _isg_term(self, x_in, pred, cond_level, anchor_idx, cond, uncond):
+        """ISG loss of the generator's prediction ``pred`` at ``x_in`` (spec §7)."""
+        d = self.d
+        level_mid, level_prev = self.isg_levels(anchor_idx)
+        scale = self._uniform(d.isg.guidance, x_in.shape[0])
+
+        def teacher_pred(x, lv):
+            with self._amp():
+                return self.adapter.guided(self.teacher, x, lv, cond, uncond, scale)
+
+        # called under no_grad inside the loss; bf16 autocast as the original (spec §7.1)
+        gen_pred = lambda x, lv: self._gen_pred(x, lv, cond, grad=True)  # noqa: E731
+        args = (x_in, pred, cond_level, level_mid, level_prev, teacher_pred, gen_pred)
+        if self.cfg.compat.sdxl_isg_legacy and d.timestep_grid == "ddpm":
+            return sdxl_legacy_isg_loss(
+                *args, self.schedule.x0_from_pred, self.schedule.add_noise, c=d.isg.huber_c
+            )
+        return intra_segment_guidance_loss(
+            *args, step_fn=self.schedule.step, kind=d.isg.loss, c=d.isg.huber_c
+        )
+
+    def _dm_term(self, x0, cond_level, anchor_idx, cond, uncond):
+        """Distribution-matching loss (spec §4), or the decoupled variant (spec §17)."""
+        d, n = self.d, x0.shape[0]
         if d.decoupled.enabled:
-            dm, m = decoupled_dmd_loss(
+            return decoupled_dmd_loss(
                 x0,
                 self._sample_levels(d.dm.timesteps, n),
                 self.ca_levels(anchor_idx, cond_level),
@@ -526,43 +552,25 @@ class Engine:
                 legacy_sign=self.cfg.compat.decoupled_legacy_sign,
                 eps=d.decoupled.eps,
             )
-        else:
-            dm, m = distribution_matching_loss(
-                x0,
-                self._randn(x0.shape),
-                self._sample_levels(d.dm.timesteps, n),
-                self.schedule.add_noise,
-                real_x0_fn=self._teacher_x0_fn(cond, uncond, self._uniform(d.dm.guidance, n)),
-                fake_x0_fn=self._x0_fn(self.F.net, cond),
-                normalizer_eps=d.dm.normalizer_eps,
-            )
-        loss = loss + dm
-        metrics.update(m)
-        if d.classifier.gen_weight > 0:
-            # DMD2 generator term; the fake UNet's and head's gradients from it are discarded below
-            cls = d.classifier.gen_weight * dmd2_generator_loss(self.classifier_logits(x0, cond))
-            loss = loss + cls
-            metrics["loss/cls_gen"] = cls.detach()
-        image = None
-        if adv is not None:
-            image = self.adapter.decode_latents(x0)  # differentiable decode (checkpointed VAE)
-            if not self.cfg.compat.d_grad_leak:
-                # B1 fixed: the heads get no gradient from the generator's loss
-                self.disc.heads.requires_grad_(False)
-            with self._amp():
-                logits = self.disc(image, adv.text, adv.ref, generator=self.rng.noise)
-            gan = d.gan.weight * (adv.weight * hinge_g(logits)).mean()
-            loss = loss + gan
-            metrics["loss/gan"] = gan.detach()
-            image = image.detach()
-        metrics["loss/gen"] = loss.detach()
-        metrics["grad_norm/gen"] = self._step(self.G, [loss], "gen")
-        if self.disc is not None and not self.cfg.compat.d_grad_leak:
-            self.disc.heads.requires_grad_(True)
-        self.F.opt.zero_grad(set_to_none=True)
-        if d.ida.enabled:
-            implicit_distribution_alignment_(self.F.net, self.G.net, d.ida.lam)
-        return x0.detach(), image, metrics
+        return distribution_matching_loss(
+            x0,
+            self._randn(x0.shape),
+            self._sample_levels(d.dm.timesteps, n),
+            self.schedule.add_noise,
+            real_x0_fn=self._teacher_x0_fn(cond, uncond, self._uniform(d.dm.guidance, n)),
+            fake_x0_fn=self._x0_fn(self.F.net, cond),
+            normalizer_eps=d.dm.normalizer_eps,
+        )
+
+    def _gan_term(self, x0, adv) -> tuple[torch.Tensor, torch.Tensor]:
+        """Time-weighted hinge loss of the generator through the differentiable VAE decode (spec §8.7);
+        returns it and the detached decoded image (reused by the discriminator step)."""
+        image = self.adapter.decode_latents(x0)  # differentiable decode (checkpointed VAE)
+        if not self.cfg.compat.d_grad_leak:
+            self.disc.heads.requires_grad_(False)  # B1 fixed: the heads get no gradient from this loss
+        with self._amp():
+            logits = self.disc(image, adv.text, adv.ref, generator=self.rng.noise)
+        return self.d.gan.weight * (adv.weight * hinge_g(logits)).mean(), image.detach()
 
     def fake_step(self, x0_gen: torch.Tensor, cond, x0_real: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Denoising step of the fake score on detached generator samples (spec §5), plus DMD2's
