@@ -52,6 +52,7 @@ from .losses.isg import intra_segment_guidance_loss, sdxl_legacy_isg_loss
 from .metrics import MetricsSink, image_grid
 from .parallel import DTYPE, full_state_dict, reshard
 from .profiling import PhaseTimer
+from .sampling import sample_x0
 from .schedules import sample_table_index
 
 logger = logging.getLogger(__name__)
@@ -359,11 +360,17 @@ class Engine:
         real latents noised at a per-sample random anchor when ``backsim_steps`` is None (spec §3.3)."""
         n = batch
         if backsim_steps is not None:
+            # the generator's own few-step x0 sampler over the first `backsim_steps` anchors, from pure
+            # noise (for zero steps the final x̂ is that noise itself, spec §3.2 step 4)
             x_hat = self._randn((n, *self.latent_shape))
-            for i in range(backsim_steps):
-                idx = torch.full((n,), i, device=self.device, dtype=torch.long)
-                x, level = self._anchor_input(x_hat, idx), self.anchor_levels[idx]
-                x_hat = self.schedule.x0_from_pred(x, self._gen_pred(x, level, cond, grad=False), level)
+            if backsim_steps:
+                x_hat = sample_x0(
+                    lambda x, level: self._gen_pred(x, level, cond, grad=False),
+                    x_hat,
+                    self.anchor_levels[:backsim_steps],
+                    self.schedule,
+                    self._randn,
+                )
             anchor_idx = torch.full((n,), backsim_steps, device=self.device, dtype=torch.long)
         else:
             x_hat = x0_real
