@@ -42,7 +42,14 @@ RECIPES = [
 # which losses each recipe logs on a generator iteration
 LOSSES = {
     "sdxl_dmd2_tiny": ("loss/dm", "loss/cls_gen", "loss/fake", "loss/cls_fake"),
-    "sd35_senseflow_decoupled_tiny": ("loss/dm", "loss/ca", "loss/isg", "loss/gan", "loss/fake", "loss/disc_fake"),
+    "sd35_senseflow_decoupled_tiny": (
+        "loss/dm",
+        "loss/ca",
+        "loss/isg",
+        "loss/gan",
+        "loss/fake",
+        "loss/disc_fake",
+    ),
 }
 DEFAULT_LOSSES = ("loss/dm", "loss/isg", "loss/gan", "loss/fake", "loss/disc_real", "loss/disc_fake")
 

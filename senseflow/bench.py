@@ -1,0 +1,925 @@
+"""Benchmark a recipe: real training iterations of the engine, timed per phase, with FLOPs and memory.
+
+    python -m senseflow.bench --recipe sd35_medium [--iters 10] [--warmup 3] [--out result.json]
+    torchrun --standalone --nproc_per_node 2 -m senseflow.bench --recipe sd35_large --out large_2gpu.json
+    python -m senseflow.bench --recipe sd35_medium --tiny --iters 2 --warmup 1      # CPU / CI
+    python -m senseflow.bench --plan --memory-gib 80 141 [--results a.json b.json ...]
+    python -m senseflow.bench --show benchmarks/results/*.json
+
+A benchmark run builds the recipe at full architecture size with random weights (``arch:`` teachers and
+discriminator backbones, no download; ``--tiny``: the recipe's tiny config as it is), then drives
+:meth:`Engine.run_iteration` itself: ``--warmup`` iterations, then ``--iters`` rounded up to a multiple of
+the TTUR period ``P = distill.generator_period``, so the measured window holds generator and other
+iterations in the training proportion 1 : P − 1. The warm-up ends with a generator iteration (its
+one-time costs, e.g. the generator's optimiser states, stay out of the window). Each iteration is timed
+by wall clock (``torch.cuda.synchronize`` before and after; the batch is fetched before the clock
+starts), its phases by :class:`~senseflow.profiling.PhaseTimer`.
+
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on a replay of the window's first
+period (P iterations, one of them a generator iteration) with the random streams reset to the window's
+start, so the counted iterations take the same branches (backward simulation, its length) as the timed
+ones. See :data:`FLOPS_CONVENTION` for what is counted; MFU uses the model FLOPs, which exclude
+activation-checkpoint recomputation.
+
+``--plan`` predicts, from measured results, how many GPUs of a given memory each recipe needs (see
+:func:`plan`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import glob
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError, SenseFlowError
+
+logger = logging.getLogger("senseflow.bench")
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+SCHEMA = "senseflow.bench/1"
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A benchmarkable recipe: its config, full-size teacher architecture, launcher and tiny config."""
+
+    config: str
+    arch: str
+    launcher: str
+    tiny_config: str
+
+
+RECIPES: dict[str, Recipe] = {
+    "sd35_medium": Recipe(
+        "configs/SD35/sd35_senseflow.yaml",
+        "arch:sd35_medium",
+        "exp_sd35/train_SD35_senseflow.sh",
+        "configs/tiny/sd35_senseflow_tiny.yaml",
+    ),
+    "sd35_large": Recipe(
+        "configs/SD35/sd35_large_senseflow.yaml",
+        "arch:sd35_large",
+        "exp_sd35/train_SD35_large_senseflow.sh",
+        "configs/tiny/sd35_large_senseflow_tiny.yaml",
+    ),
+    "flux": Recipe(
+        "configs/FLUX/flux_senseflow.yaml",
+        "arch:flux_dev",
+        "exp_flux/train_flux_senseflow.sh",
+        "configs/tiny/flux_senseflow_tiny.yaml",
+    ),
+    "sdxl": Recipe(
+        "configs/sdxl/sdxl_senseflow.yaml",
+        "arch:sdxl_base",
+        "exp_sdxl/train_sdxl_senseflow.sh",
+        "configs/tiny/sdxl_senseflow_tiny.yaml",
+    ),
+    "sdxl_dmd2": Recipe(
+        "configs/sdxl/sdxl_dmd2.yaml",
+        "arch:sdxl_base",
+        "exp_sdxl/train_sdxl_dmd2.sh",
+        "configs/tiny/sdxl_dmd2_tiny.yaml",
+    ),
+    "decoupled": Recipe(
+        "configs/SD35/sd35_senseflow_decoupled.yaml",
+        "arch:sd35_medium",
+        "exp_sd35/train_SD35_senseflow_decoupled.sh",
+        "configs/tiny/sd35_senseflow_decoupled_tiny.yaml",
+    ),
+}
+
+# throw-away run: no checkpoints, no image strips, no progress bar
+BENCH_OVERRIDES = ("checkpoint.enabled=false", "train.image_interval=0", "log.progress_bar=false")
+# full architecture size with random weights, no download (the teacher is added per recipe)
+FULL_OVERRIDES = (
+    "model.random_init=true",
+    "paths.dataset=tiny:shapes",
+    "data.format=json",
+    "paths.dino=arch:dinov2_large",
+    "paths.clip=arch:clip_vit_l14",
+)
+
+# dense bf16 tensor-core peak (TFLOP/s, no sparsity) by GPU name; the first matching entry wins
+GPU_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0))
+
+# phases of Engine.run_iteration, in execution order
+PHASES = (
+    "text_encode",
+    "vae_encode",
+    "backward_simulation",
+    "disc_conditioning",
+    "gen_forward",
+    "isg",
+    "dm",
+    "classifier",
+    "gan_generator",
+    "gen_backward_step",
+    "ida",
+    "fake_step",
+    "vae_decode",
+    "disc_step",
+)
+UNATTRIBUTED = "(outside phases)"
+
+FLOPS_CONVENTION = (
+    "FLOPs counted by torch.utils.flop_counter.FlopCounterMode on a replay of one TTUR period of the "
+    "measured window (same random branches): matrix multiplications, convolutions and attention "
+    "(scaled_dot_product_attention kernels) of every forward and backward pass that ran, 2 FLOPs per "
+    "multiply-add; element-wise ops, normalisations, softmax outside fused attention and optimiser "
+    "updates are not counted. 'Model FLOPs' exclude activation-checkpoint recomputation (ops run inside "
+    "a module forward called during backward, counted with checkpoint early-stop off); 'executed FLOPs' "
+    "include it. TFLOP/it and MFU are per iteration of all GPUs together: MFU = model FLOPs per "
+    "iteration / (mean s/it x peak bf16 FLOP/s x GPUs)."
+)
+
+TABLE_COLUMNS = (
+    "recipe",
+    "GPUs",
+    "GPU name",
+    "resolution",
+    "batch/GPU",
+    "s/it mean",
+    "s/it gen",
+    "s/it other",
+    "images/s",
+    "peak GiB/GPU",
+    "TFLOP/it",
+    "MFU",
+)
+PHASE_COLUMNS = ("phase", "ms/gen iter", "ms/other iter", "share")
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the run
+
+
+def bench_overrides(recipe: str, tiny: bool, resolution: int | None, batch_size: int | None) -> list[str]:
+    """Config overrides of a benchmark run (before the user's own ``key=value`` overrides)."""
+    out = list(BENCH_OVERRIDES)
+    if not tiny:
+        out += [*FULL_OVERRIDES, f"paths.pretrained_model={RECIPES[recipe].arch}"]
+        out.append(f"train.resolution={resolution or 1024}")
+    elif resolution:
+        out.append(f"train.resolution={resolution}")
+    if batch_size:
+        out.append(f"train.batch_size={batch_size}")
+    return out
+
+
+def config_path(recipe: str, tiny: bool) -> Path:
+    """The recipe's YAML (tiny or full), relative to the repository."""
+    r = RECIPES[recipe]
+    return REPO / (r.tiny_config if tiny else r.config)
+
+
+def gpu_peak_tflops(name: str, flag: float | None) -> float:
+    """Dense bf16 peak of the GPU ``name``: ``--gpu-tflops`` if given, else from the known table."""
+    if flag:
+        return float(flag)
+    for key, tflops in GPU_BF16_TFLOPS:
+        if key in name:
+            return tflops
+    raise ConfigError(
+        f"--gpu-tflops: unknown bf16 peak for GPU {name!r}; pass its dense bf16 TFLOP/s (e.g. --gpu-tflops 989)"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _gather(obj: Any) -> list[Any]:
+    """``obj`` of every rank (a one-element list without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes this rank stores for ``t`` (the local shard of a DTensor; inner tensors of a subclass)."""
+    if hasattr(t, "to_local"):
+        t = t.to_local()
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def sharded_state_bytes(engine) -> int:
+    """Bytes on this rank of the FSDP2-sharded persistent state: the local shards of the generator's,
+    fake score's and teacher's parameters and the generator's and fake score's optimiser states."""
+    total = 0
+    for net in (engine.G.net, engine.F.net, engine.teacher):
+        total += sum(_tensor_bytes(p) for p in net.parameters() if hasattr(p, "to_local"))
+    for opt in (engine.G.opt, engine.F.opt):
+        for param, state in opt.state.items():
+            if hasattr(param, "to_local"):  # the states of a sharded parameter are sharded alike
+                total += sum(_tensor_bytes(v) for v in state.values() if isinstance(v, torch.Tensor))
+    return total
+
+
+class RecomputeTracker:
+    """Splits a :class:`FlopCounterMode` count into model FLOPs and activation-checkpoint recomputation.
+
+    A module forward that starts while the autograd engine runs a backward is a recomputation
+    (``torch.utils.checkpoint``); the counter's total grows by the recomputed FLOPs until that outermost
+    forward returns. Requires checkpoint early stop off (else the recomputed forward never returns).
+    """
+
+    def __init__(self, counter):
+        self.counter = counter
+        self.depth = 0
+        self.recompute = 0
+        self._start = 0
+        self._handles: list = []
+
+    def _pre(self, module, args) -> None:
+        if self.depth or torch._C._current_graph_task_id() != -1:
+            if self.depth == 0:
+                self._start = self.counter.get_total_flops()
+            self.depth += 1
+
+    def _post(self, module, args, output) -> None:
+        if self.depth:
+            self.depth -= 1
+            if self.depth == 0:
+                self.recompute += self.counter.get_total_flops() - self._start
+
+    def __enter__(self):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self._handles = [
+            register_module_forward_pre_hook(self._pre),
+            register_module_forward_hook(self._post),
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def count_flops(engine, ks: list[int], batches: list[dict], rng_state: dict) -> list[dict[str, Any]]:
+    """Replay iterations ``ks`` on ``batches`` from ``rng_state`` under FlopCounterMode; per iteration the
+    executed and recomputed FLOPs, in total and per phase (this rank)."""
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+    from torch.utils.flop_counter import FlopCounterMode
+
+    logging.getLogger("torch.utils.module_tracker").setLevel(logging.WARNING)
+    engine.rng.load_state_dict(rng_state)
+    timer = engine.timer
+    out = []
+    for k, batch in zip(ks, batches):
+        counter = FlopCounterMode(display=False)
+        phases: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        with counter, RecomputeTracker(counter) as rec, set_checkpoint_early_stop(False):
+            original = timer.phase
+
+            @contextlib.contextmanager
+            def phase(name, original=original, counter=counter, rec=rec, phases=phases):
+                f0, r0 = counter.get_total_flops(), rec.recompute
+                with original(name):
+                    yield
+                phases[name][0] += counter.get_total_flops() - f0
+                phases[name][1] += rec.recompute - r0
+
+            timer.phase = phase  # instance attribute shadows the method for this iteration
+            try:
+                engine.run_iteration(k, batch)
+            finally:
+                del timer.phase
+        timer.collect()  # drop the replay's phase times
+        out.append(
+            {
+                "k": k,
+                "generator": k % engine.d.generator_period == 0,
+                "executed": counter.get_total_flops(),
+                "recompute": rec.recompute,
+                "phases": {name: {"executed": e, "recompute": r} for name, (e, r) in phases.items()},
+            }
+        )
+    return out
+
+
+def run_benchmark(engine, warmup: int, iters: int, flops: bool = True) -> dict[str, Any]:
+    """Warm-up, the timed window and the FLOP count (collective: every rank calls it); rank-local results
+    plus the gathered per-rank memory and FLOPs."""
+    device, period = engine.device, engine.d.generator_period
+    measured = math.ceil(iters / period) * period
+    k0 = max(1, period - warmup + 1)  # the warm-up ends with the generator iteration k = P
+    warm_ks = list(range(k0, k0 + warmup))
+    window_ks = list(range(k0 + warmup, k0 + warmup + measured))
+    engine.timer.enabled = True
+    loader = iter(engine.loader)
+    t0 = time.perf_counter()
+    for k in warm_ks:
+        engine.run_iteration(k, next(loader))
+        _sync(device)
+    engine.timer.collect()
+    logger.info("warm-up: %d iterations in %.1fs", warmup, time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rng_state = engine.rng.state_dict()
+    records, replay_batches = [], []
+    for k in window_ks:
+        batch = next(loader)
+        if len(replay_batches) < period:
+            replay_batches.append(batch)
+        _sync(device)
+        start = time.perf_counter()
+        engine.run_iteration(k, batch)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        records.append(
+            {"k": k, "generator": k % period == 0, "seconds": seconds, "phases": engine.timer.collect()}
+        )
+        logger.info("iteration %d (%s): %.3fs", k, "generator" if k % period == 0 else "other", seconds)
+
+    memory: dict[str, Any] = {"sharded_state_gib_per_gpu": _gather(sharded_state_bytes(engine) / GIB)}
+    if device.type == "cuda":
+        memory["peak_allocated_gib_per_gpu"] = _gather(torch.cuda.max_memory_allocated(device) / GIB)
+        memory["peak_reserved_gib_per_gpu"] = _gather(torch.cuda.max_memory_reserved(device) / GIB)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    memory["host_max_rss_gib_per_process"] = _gather(rss / (GIB if sys.platform == "darwin" else 2**20))
+
+    flop_records = None
+    if flops:
+        t0 = time.perf_counter()
+        flop_records = _gather(count_flops(engine, window_ks[:period], replay_batches, rng_state))
+        logger.info("FLOP count of %d replayed iterations in %.1fs", period, time.perf_counter() - t0)
+    return {
+        "period": period,
+        "warmup_ks": warm_ks,
+        "records": records,
+        "memory": memory,
+        "flops": flop_records,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Summaries
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def _mean(xs: list[float]) -> float | None:
+    return statistics.fmean(xs) if xs else None
+
+
+def summarize_flops(per_rank: list[list[dict]]) -> dict[str, Any]:
+    """Sum the ranks' counts per replayed iteration; means per iteration kind and over the period."""
+    n_iters = len(per_rank[0])
+    iters = []
+    for i in range(n_iters):
+        recs = [rank[i] for rank in per_rank]
+        phases: dict[str, dict[str, int]] = defaultdict(lambda: {"executed": 0, "recompute": 0})
+        for r in recs:
+            for name, v in r["phases"].items():
+                phases[name]["executed"] += v["executed"]
+                phases[name]["recompute"] += v["recompute"]
+        iters.append(
+            {
+                "k": recs[0]["k"],
+                "generator": recs[0]["generator"],
+                "executed": sum(r["executed"] for r in recs),
+                "recompute": sum(r["recompute"] for r in recs),
+                "phases": dict(phases),
+            }
+        )
+
+    def model(it):
+        return it["executed"] - it["recompute"]
+
+    gen = [it for it in iters if it["generator"]]
+    other = [it for it in iters if not it["generator"]]
+    phase_names = sorted({n for it in iters for n in it["phases"]}, key=_phase_order)
+
+    def phase_mean(its, name, key):
+        vals = [it["phases"].get(name, {}).get(key, 0) for it in its]
+        return _mean(vals)
+
+    return {
+        "convention": FLOPS_CONVENTION,
+        "counted_iterations": len(iters),
+        "model_per_iter": _mean([model(it) for it in iters]),
+        "executed_per_iter": _mean([it["executed"] for it in iters]),
+        "recompute_per_iter": _mean([it["recompute"] for it in iters]),
+        "model_per_generator_iter": _mean([model(it) for it in gen]),
+        "model_per_other_iter": _mean([model(it) for it in other]),
+        "phases": {
+            name: {
+                "model_per_generator_iter": (phase_mean(gen, name, "executed") or 0)
+                - (phase_mean(gen, name, "recompute") or 0),
+                "model_per_other_iter": (phase_mean(other, name, "executed") or 0)
+                - (phase_mean(other, name, "recompute") or 0),
+            }
+            for name in phase_names
+        },
+        "per_iteration": iters,
+    }
+
+
+def _phase_order(name: str) -> tuple[int, str]:
+    return (PHASES.index(name) if name in PHASES else len(PHASES), name)
+
+
+def summarize(raw: dict[str, Any]) -> dict[str, Any]:
+    """Times, phase breakdown, memory and FLOPs of :func:`run_benchmark`'s output (no metadata)."""
+    period, records = raw["period"], raw["records"]
+    gen = [r["seconds"] for r in records if r["generator"]]
+    other = [r["seconds"] for r in records if not r["generator"]]
+    med_gen, med_other = _median(gen), _median(other)
+    if med_gen is not None and med_other is not None:
+        ttur = (med_gen + (period - 1) * med_other) / period
+    else:  # P = 1: every iteration is a generator iteration
+        ttur = med_gen if med_gen is not None else med_other
+    sec = {
+        "mean": statistics.fmean(r["seconds"] for r in records),
+        "ttur_mean_of_medians": ttur,
+        "median_generator": med_gen,
+        "median_other": med_other,
+        "mean_generator": _mean(gen),
+        "mean_other": _mean(other),
+        "per_iteration": [
+            {"k": r["k"], "generator": r["generator"], "seconds": r["seconds"]} for r in records
+        ],
+    }
+    total_time = sum(r["seconds"] for r in records)
+    names = sorted({n for r in records for n in r["phases"]}, key=_phase_order)
+    phases = {}
+    for name in names:
+        g = [r["phases"].get(name, 0.0) for r in records if r["generator"]]
+        o = [r["phases"].get(name, 0.0) for r in records if not r["generator"]]
+        phases[name] = {
+            "ms_generator_iter": 1000 * _mean(g) if g else None,
+            "ms_other_iter": 1000 * _mean(o) if o else None,
+            "share": sum(g + o) / total_time,
+        }
+    outside = [r["seconds"] - sum(r["phases"].values()) for r in records]
+    g = [x for x, r in zip(outside, records) if r["generator"]]
+    o = [x for x, r in zip(outside, records) if not r["generator"]]
+    phases[UNATTRIBUTED] = {
+        "ms_generator_iter": 1000 * _mean(g) if g else None,
+        "ms_other_iter": 1000 * _mean(o) if o else None,
+        "share": sum(outside) / total_time,
+    }
+    memory = dict(raw["memory"])
+    if "peak_allocated_gib_per_gpu" in memory:
+        memory["peak_allocated_gib"] = max(memory["peak_allocated_gib_per_gpu"])
+        memory["peak_reserved_gib"] = max(memory["peak_reserved_gib_per_gpu"])
+    out = {
+        "generator_period": period,
+        "warmup_iterations": raw["warmup_ks"],
+        "iters": len(records),
+        "iters_generator": len(gen),
+        "sec_per_iter": sec,
+        "phases": phases,
+        "memory": memory,
+    }
+    if raw["flops"] is not None:
+        out["flops"] = summarize_flops(raw["flops"])
+    return out
+
+
+def add_rates(result: dict[str, Any], peak_tflops: float | None) -> None:
+    """Images/s and MFU (in place)."""
+    mean = result["sec_per_iter"]["mean"]
+    result["images_per_sec"] = result["world_size"] * result["batch_size_per_gpu"] / mean
+    flops = result.get("flops")
+    result["gpu_bf16_peak_tflops"] = peak_tflops
+    if flops and peak_tflops:
+        denom = mean * peak_tflops * 1e12 * result["world_size"]
+        result["mfu"] = flops["model_per_iter"] / denom
+        result["hfu"] = flops["executed_per_iter"] / denom  # recomputation included
+    else:
+        result["mfu"] = result["hfu"] = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Printing
+
+
+def _fmt(x: Any, spec: str = ".3g") -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return format(x, spec)
+    return str(x)
+
+
+def _table(header: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def result_row(r: dict[str, Any]) -> list[str]:
+    """One row of the main table for a result JSON."""
+    sec, mem = r["sec_per_iter"], r.get("memory", {})
+    if mem.get("peak_allocated_gib") is not None:
+        peak = f"{mem['peak_allocated_gib']:.1f}"
+        if mem.get("peak_reserved_gib") is not None:
+            peak += f" ({mem['peak_reserved_gib']:.1f} rsv)"
+    elif mem.get("host_max_rss_gib_per_process"):
+        peak = f"n/a (host RSS {max(mem['host_max_rss_gib_per_process']):.2f})"
+    else:
+        peak = "n/a"
+    flops = r.get("flops") or {}
+    model = flops.get("model_per_iter")
+    return [
+        r["recipe"] + (" (tiny)" if r.get("tiny") else ""),
+        str(r["world_size"]),
+        r.get("device_name", "n/a"),
+        str(r["resolution"]),
+        str(r["batch_size_per_gpu"]),
+        _fmt(sec["mean"]),
+        _fmt(sec.get("median_generator")),
+        _fmt(sec.get("median_other")),
+        _fmt(r.get("images_per_sec")),
+        peak,
+        _fmt(model / 1e12 if model is not None else None),
+        f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a",
+    ]
+
+
+def format_result(r: dict[str, Any]) -> str:
+    """The main table, the phase table and the notes of one result."""
+    sec = r["sec_per_iter"]
+    lines = [_table(TABLE_COLUMNS, [result_row(r)]), ""]
+    if r.get("iters"):
+        window = f"{r['iters']} iterations ({r['iters_generator']} generator, TTUR period P = {r['generator_period']})"
+    else:
+        window = f"the timed iterations (TTUR period P = {r['generator_period']})"
+    lines.append(
+        f"s/it mean: plain mean of {window}; TTUR-weighted mean of the medians (gen + (P-1) other)/P = "
+        f"{_fmt(sec.get('ttur_mean_of_medians'))}; s/it gen and other are medians; "
+        f"images/s = GPUs x batch / s/it mean."
+    )
+    mem = r.get("memory", {})
+    if mem.get("note"):
+        lines.append(f"peak GiB/GPU: {mem['note']}.")
+    elif mem.get("peak_allocated_gib") is None:
+        lines.append(
+            "peak GiB/GPU: no GPU; host RSS is the process's maximum resident memory over its lifetime."
+        )
+    else:
+        lines.append(
+            "peak GiB/GPU: torch.cuda.max_memory_allocated after warm-up, max over GPUs (reserved in brackets)."
+        )
+    if r.get("flops"):
+        f = r["flops"]
+        if r.get("mfu") is not None:
+            rate = (
+                f"MFU against {r['gpu_bf16_peak_tflops']:g} bf16 TFLOP/s per GPU; HFU {100 * r['hfu']:.1f}%."
+            )
+        else:
+            rate = "MFU n/a without a GPU."
+        lines.append(
+            f"TFLOP/it: model FLOPs per iteration of all GPUs ({_fmt(f['executed_per_iter'] / 1e12)} executed "
+            f"incl. recomputation; generator iteration {_fmt((f['model_per_generator_iter'] or 0) / 1e12)}, "
+            f"other {_fmt((f['model_per_other_iter'] or 0) / 1e12)}). {rate}"
+        )
+    if r.get("phases"):
+        rows = []
+        for name, p in r["phases"].items():
+            rows.append(
+                [
+                    name,
+                    _fmt(p["ms_generator_iter"], ".1f"),
+                    _fmt(p["ms_other_iter"], ".1f"),
+                    f"{100 * p['share']:.1f}%",
+                ]
+            )
+        lines += ["", _table(PHASE_COLUMNS, rows)]
+        lines.append("ms: mean per iteration of each kind (rank 0); share: of the measured window's time.")
+    if r.get("source"):
+        lines.append(f"source: {r['source']}")
+    if r.get("note"):
+        lines.append(f"note: {r['note']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning
+
+
+def load_results(paths: list[str]) -> list[dict[str, Any]]:
+    """Read result JSONs (files or glob patterns); the default is the shipped ``benchmarks/results``."""
+    files: list[str] = []
+    for p in paths or [str(RESULTS_DIR / "*.json")]:
+        matched = sorted(glob.glob(p))
+        if not matched and not Path(p).is_file():
+            raise ConfigError(f"--results: no result file matches {p}")
+        files += matched or [p]
+    out = []
+    for f in files:
+        r = json.loads(Path(f).read_text())
+        if r.get("schema") != SCHEMA:
+            raise ConfigError(f"--results: {f} is not a senseflow.bench result (schema {r.get('schema')!r})")
+        r["_file"] = f
+        out.append(r)
+    return out
+
+
+def plan_key(r: dict[str, Any]) -> str:
+    """Results of one setup (recipe, tiny or not, resolution, batch per GPU) are fitted together."""
+    key = r["recipe"] + (" (tiny)" if r.get("tiny") else "")
+    if r["resolution"] != 1024 or r["batch_size_per_gpu"] != 1:
+        key += f" {r['resolution']}px x{r['batch_size_per_gpu']}"
+    return key
+
+
+def fit_memory(points: list[tuple[int, float]], share: float) -> tuple[float, float, str]:
+    """``(R, S, basis)`` of the model peak(N) = R + S/N (GiB per GPU at N GPUs).
+
+    Two or more GPU counts: least squares in 1/N (exact for two). One count N0 with peak M0: the
+    sharded part is ``share`` of the 1-GPU peak T, so M0 = T·(1 − share) + T·share/N0.
+    """
+    ns = sorted({n for n, _ in points})
+    if len(ns) >= 2:
+        peak = {n: max(m for k, m in points if k == n) for n in ns}
+        xs, ys = [1 / n for n in ns], [peak[n] for n in ns]
+        xm, ym = statistics.fmean(xs), statistics.fmean(ys)
+        s = sum((x - xm) * (y - ym) for x, y in zip(xs, ys)) / sum((x - xm) ** 2 for x in xs)
+        s = max(s, 0.0)
+        r = max(ym - s * xm, 0.0)
+        return r, s, "fit: " + ", ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in ns)
+    n0, m0 = ns[0], max(m for _, m in points)
+    total = m0 / ((1 - share) + share / n0)
+    return total * (1 - share), total * share, f"assumed sharded share {100 * share:.0f}% (1 point)"
+
+
+def plan(results: list[dict[str, Any]], memories: list[float], headroom: float, share: float | None):
+    """Per recipe: replicated and sharded memory and the smallest GPU count that fits each memory size.
+
+    Memory model: peak allocated per GPU at N GPUs = R + S/N, R the replicated part (text encoders, VAE,
+    discriminator, activations, unsharded blocks in flight), S the FSDP2-sharded part (trained weights,
+    optimiser states, gradients, teacher). A recipe fits when R + S/N <= (1 - headroom) x memory.
+    """
+    by_recipe: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        if r.get("memory", {}).get("peak_allocated_gib") is not None:
+            by_recipe[plan_key(r)].append(r)
+    fitted = {}
+    for name, rs in by_recipe.items():
+        points = [(r["world_size"], r["memory"]["peak_allocated_gib"]) for r in rs]
+        if len({n for n, _ in points}) >= 2:
+            fitted[name] = fit_memory(points, 0.5)
+    if share is None:
+        shares = [s / (r + s) for r, s, _ in fitted.values() if r + s > 0]
+        share = statistics.fmean(shares) if shares else 0.5
+        share_source = (
+            f"as fitted for {', '.join(sorted(fitted))}"
+            if shares
+            else "a default: no recipe measured at two GPU counts"
+        )
+    else:
+        share_source = "--sharded-share"
+    rows = []
+    for name in sorted(by_recipe):
+        rs = by_recipe[name]
+        points = [(r["world_size"], r["memory"]["peak_allocated_gib"]) for r in rs]
+        if name in fitted:
+            rep, sh, basis = fitted[name]
+        else:
+            measured = [r for r in rs if r["memory"].get("sharded_state_gib_per_gpu")]
+            if measured:  # measured sharded state of a bench run (gradients counted as replicated)
+                r0 = max(measured, key=lambda r: r["memory"]["peak_allocated_gib"])
+                n0 = r0["world_size"]
+                sh = sum(r0["memory"]["sharded_state_gib_per_gpu"])
+                rep = max(r0["memory"]["peak_allocated_gib"] - sh / n0, 0.0)
+                basis = "measured sharded states (1 point)"
+            else:
+                rep, sh, basis = fit_memory(points, share)
+        fits = {}
+        for mem in memories:
+            usable = mem * (1 - headroom)
+            n = next((n for n in range(1, 257) if rep + sh / n <= usable), None)
+            fits[mem] = {"gpus": n, "predicted_gib_per_gpu": rep + sh / n if n else None}
+        rows.append(
+            {
+                "recipe": name,
+                "measured": sorted(points),
+                "replicated_gib": rep,
+                "sharded_gib": sh,
+                "basis": basis,
+                "fits": fits,
+            }
+        )
+    return rows, share, share_source
+
+
+def format_plan(rows, memories: list[float], headroom: float, share: float, share_source: str) -> str:
+    """The plan table and the assumptions it rests on."""
+    header = ["recipe", "measured GiB/GPU (GPUs: GiB)", "replicated R", "sharded S", "basis"]
+    header += [f"{m:g} GiB: GPUs (GiB/GPU)" for m in memories]
+    table = []
+    for row in rows:
+        cells = [
+            row["recipe"],
+            ", ".join(f"{n}: {m:.1f}" for n, m in row["measured"]),
+            f"{row['replicated_gib']:.1f}",
+            f"{row['sharded_gib']:.1f}",
+            row["basis"],
+        ]
+        for m in memories:
+            f = row["fits"][m]
+            cells.append(
+                f"{f['gpus']} ({f['predicted_gib_per_gpu']:.1f})"
+                if f["gpus"]
+                else f"does not fit (R {row['replicated_gib']:.1f} > {m * (1 - headroom):.1f})"
+            )
+        table.append(cells)
+    notes = (
+        "Assumes peak allocated memory per GPU at N GPUs = R + S/N: the FSDP2-sharded part S (trained "
+        "weights, optimiser states, gradients, teacher) scales as 1/N, the replicated part R (text encoders, "
+        "VAE, discriminator, activations, all-gathered blocks) is constant; batch per GPU and resolution as "
+        "measured. R and S are fitted to measurements at two or more GPU counts; a recipe measured at one "
+        "count uses the measured sharded states of its bench run when present, else a sharded share of "
+        f"{100 * share:.0f}% of its 1-GPU peak ({share_source}); recipes that keep less sharded state "
+        "(8-bit AdamW: sd35_large, flux; bf16 master weights: flux) then need more GPUs than shown. A recipe "
+        f"fits when R + S/N <= {100 * (1 - headroom):.0f}% of the GPU memory ({100 * headroom:.0f}% headroom "
+        "for the CUDA context, NCCL buffers and allocator fragmentation); the smallest such N is shown with "
+        "its predicted peak."
+    )
+    return _table(header, table) + "\n\n" + textwrap.fill(notes, 110)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m senseflow.bench",
+        description="Benchmark a recipe's training iterations (time per phase, memory, FLOPs), or plan GPU counts.",
+    )
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="recipe to benchmark")
+    p.add_argument(
+        "--iters", type=int, default=10, help="measured iterations (rounded up to a multiple of P)"
+    )
+    p.add_argument("--warmup", type=int, default=3, help="warm-up iterations (not measured)")
+    p.add_argument(
+        "--resolution", type=int, help="image resolution (default 1024 at full size, the tiny config's)"
+    )
+    p.add_argument("--batch-size", type=int, help="images per GPU (default: the config's)")
+    p.add_argument(
+        "--tiny", action="store_true", help="the recipe's tiny config (configs/tiny/) as it is (CPU/CI)"
+    )
+    p.add_argument("--out", help="write the result JSON here")
+    p.add_argument(
+        "--gpu-tflops", type=float, help="dense bf16 peak TFLOP/s of one GPU for MFU (H100/H200: 989)"
+    )
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (and MFU)")
+    p.add_argument("--plan", action="store_true", help="predict GPU counts per recipe from measured results")
+    p.add_argument(
+        "--memory-gib", type=float, nargs="+", default=[80.0, 141.0], help="GPU memory sizes to plan for"
+    )
+    p.add_argument(
+        "--results", nargs="+", help="result JSONs for --plan/--show (default benchmarks/results/*.json)"
+    )
+    p.add_argument("--headroom", type=float, default=0.1, help="fraction of GPU memory kept free in --plan")
+    p.add_argument(
+        "--sharded-share", type=float, help="--plan: sharded share of the 1-GPU peak for one-point recipes"
+    )
+    p.add_argument("--show", nargs="*", help="print the tables of result JSONs (default: the shipped ones)")
+    p.add_argument("overrides", nargs="*", help="extra config overrides key=value (applied last)")
+    args = p.parse_args(argv)
+    if not args.plan and args.show is None and not args.recipe:
+        p.error("--recipe is required (or --plan / --show)")
+    if args.iters < 1 or args.warmup < 0:
+        p.error("--iters must be >= 1 and --warmup >= 0")
+    return args
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Build the recipe, measure it and return the result (rank 0; None on other ranks)."""
+    from .config import load_config, resolve_paths
+    from .distributed import init_distributed
+
+    overrides = bench_overrides(args.recipe, args.tiny, args.resolution, args.batch_size) + list(
+        args.overrides
+    )
+    cfg_file = config_path(args.recipe, args.tiny)
+    cfg = load_config(cfg_file, overrides)
+    resolve_paths(cfg)  # before the process group (assets are built by every process)
+    info = init_distributed(cfg.train.device)
+    peak = None
+    if info.device.type == "cuda":
+        name = torch.cuda.get_device_name(info.device)
+        peak = gpu_peak_tflops(name, args.gpu_tflops)
+    else:
+        name = f"cpu ({platform.processor() or platform.machine()}, no GPU)"
+    logger.info(
+        "benchmark %s on %d process(es), %s; overrides %s", cfg.recipe, info.world_size, name, overrides
+    )
+    save_dir = Path(tempfile.mkdtemp(prefix="senseflow_bench_"))
+    try:
+        from .engine import Engine
+
+        t0 = time.perf_counter()
+        engine = Engine(cfg, info, save_dir)
+        build_s = time.perf_counter() - t0
+        raw = run_benchmark(engine, args.warmup, args.iters, flops=not args.no_flops)
+    finally:
+        shutil.rmtree(save_dir, ignore_errors=True)
+    if not info.is_main:
+        return None
+    r = RECIPES[args.recipe]
+    result: dict[str, Any] = {
+        "schema": SCHEMA,
+        "source": "python -m senseflow.bench",
+        "recipe": args.recipe,
+        "config_recipe": cfg.recipe,
+        "tiny": args.tiny,
+        "config": str(cfg_file.relative_to(REPO)),
+        "arch": None if args.tiny else r.arch,
+        "launcher": r.launcher,
+        "overrides": overrides,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "device_type": info.device.type,
+        "device_name": name,
+        "world_size": info.world_size,
+        "resolution": cfg.train.resolution,
+        "batch_size_per_gpu": cfg.train.batch_size,
+        "precision": {"compute": cfg.precision.compute, "master": cfg.precision.master},
+        "warmup": args.warmup,
+        "iters_requested": args.iters,
+        "build_seconds": build_s,
+        **summarize(raw),
+    }
+    add_rates(result, peak)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    from .distributed import cleanup
+    from .metrics import setup_logging
+
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    setup_logging(rank)
+    try:
+        if args.plan:
+            results = load_results(args.results)
+            rows, share, source = plan(results, args.memory_gib, args.headroom, args.sharded_share)
+            print(format_plan(rows, args.memory_gib, args.headroom, share, source))
+            return 0
+        if args.show is not None:
+            for r in load_results(args.show or args.results):
+                print(f"## {r['_file']}\n\n{format_result(r)}\n")
+            return 0
+        result = benchmark(args)
+        if result is not None:
+            if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            print(format_result(result))
+            if result.get("flops"):
+                print("\n" + textwrap.fill(f"FLOPs: {FLOPS_CONVENTION}", 110))
+            if args.out:
+                print(f"wrote {args.out}")
+    except SenseFlowError as err:
+        if rank == 0:
+            logger.error("%s", err)
+        return 2
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
