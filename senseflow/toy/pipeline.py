@@ -1,0 +1,347 @@
+"""The stages of the toy benchmark and their order (see the package docstring)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import images_to_tensor, load_split, make_split, save_split, write_engine_dataset
+from .distill import VARIANTS, checkpoints, run_variant
+from .presets import RESOLUTION, Preset
+from .stages import DONE, Stages, check_preset, read_done
+
+logger = logging.getLogger(__name__)
+
+MAX_EVALNET_IMAGES = 10000
+"""The evaluation networks train on at most this many training scenes (they converge long before)."""
+
+
+def _seeds(preset: Preset) -> dict[str, int]:
+    base = 1000 * preset.seed
+    return {"train": base + 1, "eval": base + 2, "floor": base + 3, "weights": base + 4}
+
+
+# --- stages ---------------------------------------------------------------------------------------------
+
+
+def stage_data(d: Path, preset: Preset) -> dict:
+    """Training split, evaluation prompts (+ their real images), the independent real set, engine data."""
+    seeds = _seeds(preset)
+    train = make_split(preset.num_train, RESOLUTION, seeds["train"])
+    save_split(train, d / "train")
+    evals = make_split(preset.num_eval, RESOLUTION, seeds["eval"])
+    save_split(evals, d / "eval")
+    save_split(make_split(preset.num_eval, RESOLUTION, seeds["floor"]), d / "real_floor")
+    write_engine_dataset(train.subset(preset.num_distill_images), d / "engine")
+    (d / "eval_prompts.txt").write_text("\n".join(evals.captions) + "\n")
+    counts = [len(o) for o in evals.objects]
+    return {
+        "num_train": len(train),
+        "num_eval": len(evals),
+        "num_engine_images": preset.num_distill_images,
+        "eval_objects": int(sum(counts)),
+        "eval_objects_per_scene": {str(k): counts.count(k) for k in (1, 2, 3)},
+        "example_captions": evals.captions[:4],
+    }
+
+
+def stage_backbones(d: Path) -> dict:
+    """The discriminator's tiny random DINOv2 and CLIP (transformers / open_clip layouts)."""
+    from ..discriminator.tiny import build_tiny_clip, build_tiny_dino
+
+    build_tiny_dino(d / "dino", seed=0)
+    build_tiny_clip(d / "clip" / "open_clip_model.safetensors", seed=0)
+    return {"dino": str(d / "dino"), "clip": str(d / "clip" / "open_clip_model.safetensors")}
+
+
+def stage_vae(d: Path, out: Path, preset: Preset, device: torch.device) -> dict:
+    """Train the VAE, calibrate its latent scale and shift, encode the training split once."""
+    from .evaluate import save_images
+    from .teacher import calibrate_vae, count_parameters, encode_posterior, psnr, reconstruct, train_vae
+
+    train = load_split(out / "data" / "train")
+    t0 = time.time()
+    vae = train_vae(train.images, preset, device, _seeds(preset)["weights"])
+    train_seconds = time.time() - t0
+    means, stds = encode_posterior(vae, train.images, device)
+    scale, shift = calibrate_vae(vae, means)
+    vae.to("cpu").save_pretrained(d / "vae", safe_serialization=True)
+    torch.save({"means": means, "stds": stds}, d / "latents.pt")
+    evals = load_split(out / "data" / "eval")
+    rec = reconstruct(vae, evals.images, "cpu")
+    save_images(rec, d / "recon.npz")
+    return {
+        "parameters": count_parameters(vae),
+        "channels": list(preset.vae_channels),
+        "steps": preset.vae_steps,
+        "batch": preset.vae_batch,
+        "train_seconds": train_seconds,
+        "scaling_factor": scale,
+        "shift_factor": shift,
+        "posterior_std_mean": float(stds.mean()),
+        "eval_psnr_db": psnr(rec, images_to_tensor(evals.images)),
+    }
+
+
+def stage_teacher(d: Path, out: Path, preset: Preset, device: torch.device) -> dict:
+    """Write the teacher folder and train its transformer (a leftover half-built folder is replaced)."""
+    from diffusers import AutoencoderKL
+
+    from .teacher import build_teacher_folder, train_teacher
+
+    for child in d.iterdir():
+        if child.name != DONE:
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    vae = AutoencoderKL.from_pretrained(out / "vae" / "vae")
+    build_teacher_folder(d, vae, preset, _seeds(preset)["weights"])
+    latents = torch.load(out / "vae" / "latents.pt", weights_only=True)
+    captions = load_split(out / "data" / "train").captions
+    stats = train_teacher(
+        d, latents["means"], latents["stds"], captions, preset, device, _seeds(preset)["weights"]
+    )
+    return {**stats, "size": preset.params_label}
+
+
+def stage_featnet(d: Path, out: Path, preset: Preset, device: torch.device) -> dict:
+    """Train the feature net of the Frechet distance on real images."""
+    from .evalnets import feature_net_accuracy, train_feature_net
+
+    train = load_split(out / "data" / "train")
+    train = train.subset(min(len(train), MAX_EVALNET_IMAGES))
+    net = train_feature_net(train, preset.featnet_steps, lr=preset.nets_lr, seed=preset.seed, device=device)
+    torch.save(net.to("cpu").state_dict(), d / "featnet.pt")
+    return {
+        "steps": preset.featnet_steps,
+        "heldout_accuracy": feature_net_accuracy(net, load_split(out / "data" / "eval")),
+    }
+
+
+def stage_classifiers(d: Path, out: Path, preset: Preset, device: torch.device) -> dict:
+    """Train the per-cell attribute classifier on real images."""
+    from .evalnets import classifier_accuracy, train_cell_classifier
+
+    train = load_split(out / "data" / "train")
+    train = train.subset(min(len(train), MAX_EVALNET_IMAGES))
+    net = train_cell_classifier(
+        train, preset.classifier_steps, lr=preset.nets_lr, seed=preset.seed, device=device
+    )
+    torch.save(net.to("cpu").state_dict(), d / "classifier.pt")
+    acc = classifier_accuracy(net, load_split(out / "data" / "eval"))
+    return {"steps": preset.classifier_steps, "heldout_accuracy_occupied_cells": acc}
+
+
+def methods(preset: Preset) -> dict[str, dict]:
+    """The evaluated methods: name -> label, steps, network evaluations per image."""
+    n, s = preset.teacher_many_steps, f"{preset.cfg_scale:g}"
+    table = {
+        "real": {
+            "label": "Real images (independent set; classifier on ground truth)",
+            "steps": None,
+            "nfe": None,
+        },
+        "vae": {"label": "VAE reconstructions of the evaluation images", "steps": None, "nfe": None},
+        "teacher_many": {"label": f"Teacher, {n} Euler steps, CFG {s}", "steps": n, "nfe": 2 * n},
+        "teacher_4": {"label": f"Teacher, 4 Euler steps, CFG {s} (undistilled)", "steps": 4, "nfe": 8},
+        "teacher_4_x0": {
+            "label": "Teacher, 4 x0 steps, no CFG (= every student at iteration 0)",
+            "steps": 4,
+            "nfe": 4,
+        },
+    }
+    for name, (label, _) in VARIANTS.items():
+        table[name] = {"label": f"{label}, 4 steps", "steps": 4, "nfe": 4}
+    return table
+
+
+def stage_eval(d: Path, method: str, out: Path, preset: Preset, get_ctx) -> dict:
+    """Sample one method on the evaluation prompts (students: at every checkpoint) and score it."""
+    from .evalnets import attribute_scores, extract_features, frechet_distance, predict_cells
+    from .evaluate import (
+        grid,
+        load_images,
+        load_net,
+        sample_generator,
+        sample_guided,
+        save_images,
+        score,
+        teacher_levels,
+    )
+
+    info = methods(preset)[method]
+    record: dict = {"method": method, **info}
+    t0 = time.time()
+    if method == "real":
+        ctx = get_ctx()
+        floor = load_split(out / "data" / "real_floor")
+        fd = frechet_distance(
+            extract_features(ctx.featnet, images_to_tensor(floor.images)), ctx.real_features
+        )
+        real = images_to_tensor(ctx.split.images)
+        metrics = {"fd": fd, **attribute_scores(predict_cells(ctx.classifier, real), ctx.split.objects)}
+        images = real
+    elif method == "vae":
+        ctx = get_ctx()
+        images = (
+            torch.from_numpy(load_images(out / "vae" / "recon.npz")).permute(0, 3, 1, 2).float() / 127.5 - 1
+        )
+        metrics = score(ctx, images)
+    elif method.startswith("teacher"):
+        ctx = get_ctx()
+        net = load_net(ctx, out / "teacher" / "transformer")
+        shift = ctx.adapter.schedule.shift
+        if method == "teacher_many":
+            images = sample_guided(
+                ctx, net, teacher_levels(preset.teacher_many_steps, shift), preset.cfg_scale
+            )
+        elif method == "teacher_4":
+            images = sample_guided(ctx, net, teacher_levels(4, shift), preset.cfg_scale)
+        else:
+            images = sample_generator(ctx, net)
+        metrics = score(ctx, images)
+    else:
+        run_dir = out / "distill" / method
+        ckpts = checkpoints(run_dir)
+        if not ckpts:
+            raise RuntimeError(f"{run_dir} holds no ckpt_model_*.pth")
+        curve, images = [], None
+        for k, path in ckpts.items():
+            cached = d / f"iter_{k:06d}.json"
+            if cached.is_file() and k != max(ckpts):
+                curve.append(json.loads(cached.read_text()))
+                continue
+            ctx = get_ctx()
+            imgs = sample_generator(ctx, load_net(ctx, path))
+            m = {"iter": k, **score(ctx, imgs)}
+            cached.write_text(json.dumps(m))
+            logger.info("eval %s @ %d: FD %.3f, attributes %.3f", method, k, m["fd"], m["attributes"])
+            curve.append(m)
+            images = imgs
+        record["curve"] = curve
+        record["iteration"] = max(ckpts)
+        metrics = {k: v for k, v in curve[-1].items() if k != "iter"}
+    record["metrics"] = metrics
+    record["eval_seconds"] = time.time() - t0
+    save_images(images, d / "images.npz")
+    grid(load_images(d / "images.npz")[: preset.grid_prompts]).save(d / "grid.png")
+    logger.info("eval %s: %s", method, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return record
+
+
+def _distill_job(out: Path, preset: Preset, name: str, device: str) -> None:
+    """One variant in a child process (spawned: CUDA cannot be forked)."""
+    from ..distributed import cleanup, init_distributed
+
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s", force=True
+    )
+    info = init_distributed(device)
+    try:
+        Stages(out).run(
+            f"distill/{name}", lambda d: run_variant(name, preset, out, torch.device(device), info)
+        )
+    finally:
+        cleanup()
+
+
+def run_variants_parallel(
+    names: list[str], out: Path, preset: Preset, device: torch.device, jobs: int
+) -> None:
+    """Train ``names`` in up to ``jobs`` spawned processes; a failure names the variant and its log."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    logger.info("distilling %s in %d parallel processes", ", ".join(names), min(jobs, len(names)))
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(jobs, len(names)), mp_context=ctx) as pool:
+        futures = {name: pool.submit(_distill_job, out, preset, name, device.type) for name in names}
+        failed = []
+        for name, fut in futures.items():
+            try:
+                fut.result()
+            except Exception as err:  # noqa: BLE001 - reported with the variant's log below
+                logger.error("distill/%s failed: %s", name, err)
+                failed.append(name)
+    if failed:
+        logs = ", ".join(str(out / "distill" / n / "train.log") for n in failed)
+        raise RuntimeError(f"distillation failed for {', '.join(failed)} (see {logs})")
+
+
+# --- the whole run --------------------------------------------------------------------------------------
+
+
+def run(out: Path, preset: Preset, device: torch.device, command: str = "", jobs: int = 1) -> dict:
+    """Run (or skip) every stage into ``out`` and return the report; ``jobs`` > 1 trains that many
+    distillation variants at once in separate processes (on one GPU: these models are far too small to
+    fill it, so the variants run side by side in about the time of one)."""
+    from .report import write_report
+
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    check_preset(out, preset.to_dict())
+    stages = Stages(out)
+    t_start = time.time()
+    stages.run("data", lambda d: stage_data(d, preset))
+    stages.run("backbones", stage_backbones)
+    stages.run("vae", lambda d: stage_vae(d, out, preset, device))
+    stages.run("teacher", lambda d: stage_teacher(d, out, preset, device))
+    stages.run("featnet", lambda d: stage_featnet(d, out, preset, device))
+    stages.run("classifiers", lambda d: stage_classifiers(d, out, preset, device))
+
+    dist_info = []
+
+    def get_info():
+        if not dist_info:
+            from ..distributed import init_distributed
+
+            dist_info.append(init_distributed(device.type))
+        return dist_info[0]
+
+    pending = [name for name in VARIANTS if read_done(out / "distill" / name) is None]
+    if jobs > 1 and len(pending) > 1:
+        run_variants_parallel(pending, out, preset, device, jobs)
+        stages.ran.extend(f"distill/{name}" for name in pending)
+    for name in VARIANTS:
+        stages.run(f"distill/{name}", lambda d, name=name: run_variant(name, preset, out, device, get_info()))
+
+    ctx_cache = []
+
+    def get_ctx():
+        if not ctx_cache:
+            from .evaluate import build_context
+
+            ctx_cache.append(build_context(out, preset, device))
+        return ctx_cache[0]
+
+    for method in methods(preset):
+        stages.run(f"eval/{method}", lambda d, method=method: stage_eval(d, method, out, preset, get_ctx))
+
+    if stages.ran:  # anything recomputed: the report must be rebuilt
+        (out / "report" / DONE).unlink(missing_ok=True)
+    elapsed = time.time() - t_start
+    stages.run("report", lambda d: write_report(d, out, preset, device, stages.records, command, elapsed))
+    if dist_info:
+        from ..distributed import cleanup
+
+        cleanup()
+    return json.loads((out / "report" / "report.json").read_text())
+
+
+def summary_rows(report: dict) -> list[list[str]]:
+    """The results table as rows of strings (for the CLI's summary)."""
+    return [list(map(str, row)) for row in report["table"]["rows"]]
+
+
+def as_float(x) -> float:
+    """A metric value as float (NaN for missing)."""
+    return float("nan") if x is None else float(x)
+
+
+def finite(values) -> bool:
+    """Whether every value is a finite number."""
+    return all(np.isfinite(as_float(v)) for v in values)

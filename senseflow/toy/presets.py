@@ -1,0 +1,153 @@
+"""Sizes of the toy benchmark: ``ci`` (smoke test, about a minute on a CPU), ``cpu`` (real numbers on a
+2-core CPU in about 25 minutes) and ``gpu`` (the benchmark of issue 9, about 10 minutes on one H100)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+RESOLUTION = 64
+"""Image side in pixels (the VAE down-samples by 4: 16x16x8 latents, 8x8 tokens of the patch-2 MMDiT)."""
+T5_MAX_LENGTH = 40
+"""T5 tokens of the prompt encoding (captions have at most 36; the SD3.5 recipe's 77 would only add
+padding). CLIP always uses 77 tokens in the SD3 adapter."""
+TEXT_WIDTHS = (32, 32, 64)
+"""Hidden widths of the random-but-fixed CLIP-L, CLIP-G and T5 encoders (joint attention width = T5's)."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Every size and step count of one run of the benchmark."""
+
+    name: str
+    # --- data
+    num_train: int
+    """Rendered training scenes (teacher, VAE and evaluation networks)."""
+    num_distill_images: int
+    """Scenes written as PNG + dataset.json for the distillation engine (the real images of DMD/GAN)."""
+    num_eval: int
+    """Fixed evaluation prompts with known attributes (and as many real images of another seed: the floor)."""
+    # --- VAE (AutoencoderKL, trained here)
+    vae_channels: tuple[int, ...]
+    vae_steps: int
+    vae_batch: int
+    # --- teacher transformer (SD3Transformer2DModel, trained here)
+    width: int
+    heads: int
+    depth: int
+    teacher_steps: int
+    teacher_batch: int
+    # --- evaluation networks
+    featnet_steps: int
+    classifier_steps: int
+    # --- distillation (the same for every variant)
+    distill_iters: int
+    distill_batch: int
+    save_interval: int
+    # --- evaluation
+    teacher_many_steps: int
+    """Euler steps of the many-step teacher baseline (on the scheduler's shifted sigmas, with CFG)."""
+    eval_batch: int
+    # --- optimisation (shared defaults)
+    vae_lr: float = 2e-3
+    teacher_lr: float = 1e-3
+    teacher_warmup: int = 100
+    ema_decay: float = 0.999
+    nets_lr: float = 2e-3
+    distill_lr: float = 2e-4
+    """Learning rate of the generator, fake score and discriminator heads (all variants)."""
+    distill_warmup: int = 20
+    cfg_scale: float = 5.0
+    """CFG scale of the teacher baselines: the mean of the recipe's DM guidance range U(2, 8)."""
+    grid_prompts: int = 16
+    seed: int = 0
+
+    @property
+    def params_label(self) -> str:
+        """Transformer size, for the report."""
+        return f"width {self.width}, {self.depth} blocks, {self.heads} heads"
+
+    def to_dict(self) -> dict:
+        """Plain dict (JSON)."""
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, Preset] = {
+    "ci": Preset(
+        name="ci",
+        num_train=384,
+        num_distill_images=64,
+        num_eval=32,
+        vae_channels=(8, 16, 16),
+        vae_steps=40,
+        vae_batch=16,
+        width=32,
+        heads=2,
+        depth=2,
+        teacher_steps=40,
+        teacher_batch=16,
+        teacher_warmup=10,
+        featnet_steps=80,
+        classifier_steps=80,
+        distill_iters=10,
+        distill_batch=2,
+        save_interval=5,
+        distill_warmup=2,
+        teacher_many_steps=8,
+        eval_batch=32,
+        grid_prompts=8,
+    ),
+    "cpu": Preset(
+        name="cpu",
+        num_train=12000,
+        num_distill_images=2000,
+        num_eval=256,
+        vae_channels=(16, 32, 32),
+        vae_steps=700,
+        vae_batch=16,
+        width=128,
+        heads=4,
+        depth=4,
+        teacher_steps=1200,
+        teacher_batch=32,
+        featnet_steps=400,
+        classifier_steps=300,
+        distill_iters=200,
+        distill_batch=8,
+        save_interval=50,
+        teacher_many_steps=20,
+        eval_batch=64,
+    ),
+    "gpu": Preset(
+        name="gpu",
+        num_train=100000,
+        num_distill_images=20000,
+        num_eval=1000,
+        vae_channels=(32, 64, 128),
+        vae_steps=4000,
+        vae_batch=64,
+        width=384,
+        heads=6,
+        depth=8,
+        teacher_steps=4000,
+        teacher_batch=128,
+        teacher_warmup=200,
+        featnet_steps=1500,
+        classifier_steps=1000,
+        distill_iters=1000,
+        distill_batch=32,
+        save_interval=250,
+        teacher_many_steps=50,
+        eval_batch=250,
+        grid_prompts=16,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The named preset (``ci``, ``cpu`` or ``gpu``)."""
+    if name not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {name!r} (choose {', '.join(PRESETS)})")
+    return PRESETS[name]

@@ -1,0 +1,329 @@
+"""The report of a toy run: ``report.md``, ``report.json``, ``metrics_plot.png`` and ``grids/``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from .distill import VARIANTS, engine_overrides
+from .evaluate import comparison_grid, load_images
+from .plot import plot_panels
+from .presets import PRESETS, RESOLUTION, T5_MAX_LENGTH, TEXT_WIDTHS, Preset
+from .stages import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = ["Method", "Steps", "NFE", "FD ↓", "Colour ↑", "Shape ↑", "Position ↑", "Attributes ↑", "Scene ↑"]
+METRIC_KEYS = ["fd", "color", "shape", "position", "attributes", "scene"]
+FD_RATIO_GOAL = 1.25
+ATTRIBUTE_GAP_GOAL = 5.0
+
+
+def _fmt_fd(v) -> str:
+    return "–" if v is None or not math.isfinite(v) else (f"{v:.3g}" if v < 100 else f"{v:.0f}")
+
+
+def _pct(v) -> str:
+    return "–" if v is None or not math.isfinite(v) else f"{100 * v:.1f}"
+
+
+def _row(label: str, steps, nfe, m: dict) -> list[str]:
+    return [
+        label,
+        "–" if steps is None else str(steps),
+        "–" if nfe is None else str(nfe),
+        _fmt_fd(m["fd"]),
+        *[_pct(m[k]) for k in ("color", "shape", "position", "attributes", "scene")],
+    ]
+
+
+def _md_table(columns: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join(["---"] * len(columns)) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def goal_check(results: dict[str, dict]) -> dict:
+    """The issue's goal for the full SenseFlow student against the teacher."""
+    full = results["senseflow"]["metrics"]
+    many = results["teacher_many"]["metrics"]
+    four = results["teacher_4"]["metrics"]
+    ratio = full["fd"] / many["fd"] if many["fd"] > 0 else float("inf")
+    gap = 100 * (many["attributes"] - full["attributes"])
+    beats = full["fd"] < four["fd"] and full["attributes"] >= four["attributes"]
+    return {
+        "fd_ratio_to_teacher_many": ratio,
+        "fd_ratio_goal": FD_RATIO_GOAL,
+        "fd_goal_met": bool(ratio <= FD_RATIO_GOAL),
+        "attribute_gap_points": gap,
+        "attribute_gap_goal": ATTRIBUTE_GAP_GOAL,
+        "attribute_goal_met": bool(gap <= ATTRIBUTE_GAP_GOAL),
+        "fd_vs_teacher_4": [full["fd"], four["fd"]],
+        "attributes_vs_teacher_4": [full["attributes"], four["attributes"]],
+        "beats_teacher_4": bool(beats),
+    }
+
+
+def curves(results: dict[str, dict]) -> dict[str, list[dict]]:
+    """Metrics of each variant over iterations, starting with the shared initial generator (iteration 0)."""
+    start = {"iter": 0, **results["teacher_4_x0"]["metrics"]}
+    return {name: [start, *results[name].get("curve", [])] for name in VARIANTS}
+
+
+def _stage_seconds(records: dict[str, dict]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, rec in records.items():
+        group = name.split("/")[0]
+        out[group] = out.get(group, 0.0) + float(rec.get("seconds", 0.0))
+    return out
+
+
+def write_report(
+    d: Path,
+    out: Path,
+    preset: Preset,
+    device: torch.device,
+    records: dict[str, dict],
+    command: str,
+    elapsed: float,
+) -> dict:
+    """Write the report files into ``d`` (the ``report`` stage) and return a summary."""
+    from .pipeline import methods
+
+    table = methods(preset)
+    results = {m: records[f"eval/{m}"] for m in table}
+    rows = []
+    for m, info in table.items():
+        label = info["label"]
+        if m in VARIANTS:
+            label += f" (iteration {results[m]['iteration']})"
+        rows.append(_row(label, info["steps"], info["nfe"], results[m]["metrics"]))
+    goal = goal_check(results)
+    curve = curves(results)
+    stage_s = _stage_seconds({k: v for k, v in records.items() if k != "report"})
+
+    # plot
+    panels = []
+    for key, title, scale in (
+        ("fd", "Frechet distance (lower is better)", 1.0),
+        ("attributes", "Attribute accuracy % (higher is better)", 100.0),
+    ):
+        panels.append(
+            {
+                "title": title,
+                "series": [
+                    {"label": VARIANTS[n][0], "x": [p["iter"] for p in c], "y": [scale * p[key] for p in c]}
+                    for n, c in curve.items()
+                ],
+                "hlines": [
+                    {
+                        "label": table["teacher_many"]["label"],
+                        "y": scale * results["teacher_many"]["metrics"][key],
+                    },
+                    {"label": table["teacher_4"]["label"], "y": scale * results["teacher_4"]["metrics"][key]},
+                ],
+            }
+        )
+    backend = plot_panels(panels, d / "metrics_plot.png")
+
+    # grids
+    grids = d / "grids"
+    grids.mkdir(exist_ok=True)
+    sheet_rows = []
+    for m in table:
+        src = out / "eval" / m / "grid.png"
+        if src.is_file():
+            shutil.copyfile(src, grids / f"{m}.png")
+        label = "Real images" if m == "real" else table[m]["label"]
+        sheet_rows.append((label, load_images(out / "eval" / m / "images.npz")[: preset.grid_prompts]))
+    comparison_grid(sheet_rows).save(grids / "comparison.png")
+
+    # GPU estimate (the gpu preset), and what this run achieved per stage
+    estimate = achieved = None
+    if preset.name != "ci":
+        from .estimate import H100_TFLOPS, OVERHEAD_S, achieved_tflops, estimate_seconds
+
+        estimate = {
+            "preset": "gpu",
+            "assumed_tflops": H100_TFLOPS,
+            "assumed_overheads_s": OVERHEAD_S,
+            "seconds": estimate_seconds(PRESETS["gpu"]),
+        }
+        achieved = achieved_tflops(preset, stage_s)
+
+    report = {
+        "preset": preset.to_dict(),
+        "device": str(device),
+        "command": command,
+        "seconds_this_invocation": elapsed,
+        "stage_seconds": stage_s,
+        "total_stage_seconds": sum(stage_s.values()),
+        "setup": {
+            "data": records["data"],
+            "vae": records["vae"],
+            "teacher": records["teacher"],
+            "featnet": records["featnet"],
+            "classifiers": records["classifiers"],
+            "distill_overrides": engine_overrides(preset, out, device),
+            "variants": {
+                n: {"label": lab, "switches": sw, **records[f"distill/{n}"]}
+                for n, (lab, sw) in VARIANTS.items()
+            },
+        },
+        "methods": results,
+        "table": {"columns": COLUMNS, "rows": rows},
+        "curves": curve,
+        "goal": goal,
+        "gpu_estimate": estimate,
+        "achieved_tflops": achieved,
+        "plot_backend": backend,
+    }
+    write_json_atomic(d / "report.json", report)
+    md = _markdown(report, preset, table, results, curve, out)
+    tmp = d / ".report.md.tmp"
+    tmp.write_text(md)
+    tmp.replace(d / "report.md")
+    logger.info("report: %s", d / "report.md")
+    return {"report": str(d / "report.md"), "goal": goal}
+
+
+def _markdown(report: dict, preset: Preset, table: dict, results: dict, curve: dict, out: Path) -> str:
+    s = report["setup"]
+    goal = report["goal"]
+    t = s["teacher"]
+    v = s["vae"]
+    lines = [
+        f"# SenseFlow toy benchmark: preset `{preset.name}`",
+        "",
+        f"Command: `{report['command']}` on `{report['device']}`; stages took "
+        f"{report['total_stage_seconds'] / 60:.1f} min in total (table at the end).",
+        "",
+        "## Results",
+        "",
+        f"{preset.num_eval} evaluation prompts with known attributes (one image each, the same initial noise "
+        "for every method). FD: Frechet distance to the real images of the same prompts in the feature space "
+        "of the feature net trained here; the real row compares an independent real set (the finite-sample "
+        "floor). Colour / Shape / Position: % of prompted objects whose grid cell shows the prompted colour / "
+        "shape / any object, read by the cell classifier trained here; Attributes: their mean; Scene: % of "
+        "prompts with every cell exactly right (no missing, wrong or extra object). NFE: transformer "
+        "evaluations per image (CFG costs two).",
+        "",
+        _md_table(report["table"]["columns"], report["table"]["rows"]),
+        "",
+        "## Goal of issue 9 (full SenseFlow student, 4 steps)",
+        "",
+        f"- FD ratio to the {preset.teacher_many_steps}-step teacher: **{goal['fd_ratio_to_teacher_many']:.2f}** "
+        f"(goal ≤ {FD_RATIO_GOAL}): {'met' if goal['fd_goal_met'] else 'not met'}.",
+        f"- Attribute accuracy gap to it: **{goal['attribute_gap_points']:+.1f} points** (goal ≤ {ATTRIBUTE_GAP_GOAL:g}): "
+        f"{'met' if goal['attribute_goal_met'] else 'not met'}.",
+        f"- Against the undistilled 4-step teacher: FD {goal['fd_vs_teacher_4'][0]:.3g} vs "
+        f"{goal['fd_vs_teacher_4'][1]:.3g}, attributes {100 * goal['attributes_vs_teacher_4'][0]:.1f} % vs "
+        f"{100 * goal['attributes_vs_teacher_4'][1]:.1f} %: {'better on both' if goal['beats_teacher_4'] else 'not better on both'}.",
+        "",
+        "## Metrics over distillation iterations",
+        "",
+        f"![metrics over iterations](metrics_plot.png) (drawn with {report['plot_backend']})",
+        "",
+    ]
+    iters = sorted({p["iter"] for c in curve.values() for p in c})
+    cols = ["Iteration"] + [f"{VARIANTS[n][0]}: FD / attr. %" for n in VARIANTS]
+    rows = []
+    for k in iters:
+        row = [str(k)]
+        for n in VARIANTS:
+            p = next((p for p in curve[n] if p["iter"] == k), None)
+            row.append("–" if p is None else f"{_fmt_fd(p['fd'])} / {_pct(p['attributes'])}")
+        rows.append(row)
+    lines += [_md_table(cols, rows), ""]
+    lines += [
+        "## Image grids",
+        "",
+        f"The first {preset.grid_prompts} evaluation prompts, one row per method (`grids/<method>.png` holds each "
+        "method alone):",
+        "",
+        "![comparison](grids/comparison.png)",
+        "",
+    ]
+    for i, caption in enumerate(_prompts(out)[: preset.grid_prompts]):
+        lines.append(f"{i + 1}. {caption}")
+    lines += [
+        "",
+        "## Setup",
+        "",
+        f"- **Data** (generated in code, seeded): {s['data']['num_train']} training scenes of 1-3 shapes (8 colours, "
+        f"3 shapes, 2 sizes, 9 grid cells, 5 backgrounds plain or gradient) at {RESOLUTION} px, drawn at 2x and "
+        f"box-filtered; {s['data']['num_engine_images']} of them as PNG + dataset.json for the engine; "
+        f"{s['data']['num_eval']} evaluation prompts ({s['data']['eval_objects']} objects).",
+        f"- **VAE** (trained here): AutoencoderKL, channels {v['channels']}, x4 down-sampling, 8 latent channels, "
+        f"{v['parameters'] / 1e6:.2f} M parameters, {v['steps']} steps of batch {v['batch']} (L1 + L2 + 1e-6 KL); "
+        f"scaling factor {v['scaling_factor']:.3f}, shift {v['shift_factor']:.3f}; PSNR on the evaluation images "
+        f"{v['eval_psnr_db']:.1f} dB.",
+        f"- **Text encoders**: CLIP-L and CLIP-G (2 layers, width {TEXT_WIDTHS[0]}/{TEXT_WIDTHS[1]}) and T5 "
+        f"(2 layers, width {TEXT_WIDTHS[2]}), random but fixed (seeded, never trained); T5 length "
+        f"{T5_MAX_LENGTH} (CLIP 77).",
+        f"- **Teacher transformer** (trained here): SD3Transformer2DModel, {t['size']}, "
+        f"{t['parameters'] / 1e6:.2f} M parameters; rectified flow, logit-normal levels on the shift-3 table, "
+        f"10 % caption dropout, {t['steps']} steps of batch {t['batch']}, EMA {preset.ema_decay}; final loss "
+        f"{t['final_loss']:.4f}.",
+        "- **Feature net** (trained here, 64-d bottleneck = FD space): held-out background accuracy "
+        + ", ".join(f"{k} {100 * a:.1f} %" for k, a in s["featnet"]["heldout_accuracy"].items())
+        + ".",
+        "- **Cell classifier** (trained here): held-out accuracy on occupied cells "
+        + ", ".join(
+            f"{k} {100 * a:.1f} %" for k, a in s["classifiers"]["heldout_accuracy_occupied_cells"].items()
+        )
+        + ".",
+        f"- **Distillation**: `senseflow.engine.Engine`, base `configs/SD35/sd35_senseflow.yaml`; "
+        f"{preset.distill_iters} iterations (generator every 10: "
+        f"{s['variants']['senseflow']['generator_updates']} generator updates), batch {preset.distill_batch}, "
+        f"LR {preset.distill_lr:g} for every net and variant (warm-up {preset.distill_warmup}); the GAN uses the "
+        "tiny random DINOv2/CLIP backbones (`discriminator.hooks=[1,3] discriminator.c_dim=16`), trainable heads. "
+        "Shared overrides:",
+        "",
+        "  ```",
+        *[f"  {o}" for o in s["distill_overrides"]],
+        "  ```",
+        "",
+        "  Variant switches: "
+        + "; ".join(
+            f"{lab}: `{' '.join(sw) or '(none)'}`"
+            for lab, sw in ((x["label"], x["switches"]) for x in s["variants"].values())
+        )
+        + ".",
+        "",
+        "## Stage times",
+        "",
+        _md_table(["Stage", "Seconds"], [[k, f"{sec:.1f}"] for k, sec in report["stage_seconds"].items()]),
+        "",
+    ]
+    dist_rows = [
+        [x["label"], f"{x['seconds']:.1f}", f"{x['sec_per_iter']:.3f}"] for x in s["variants"].values()
+    ]
+    lines += [_md_table(["Distillation run", "Seconds", "Seconds / iteration"], dist_rows), ""]
+    if report["gpu_estimate"]:
+        est = report["gpu_estimate"]
+        lines += [
+            "## Estimated time of the `gpu` preset on one H100",
+            "",
+            f"Counted FLOPs per stage at an assumed {est['assumed_tflops']:g} TFLOP/s sustained (bf16) plus a fixed "
+            f"cost per step ({', '.join(f'{k} {1000 * x:.0f} ms' for k, x in est['assumed_overheads_s'].items())}); "
+            "see `senseflow/toy/estimate.py`.",
+            "",
+            _md_table(["Stage", "Estimated seconds"], [[k, f"{x:.0f}"] for k, x in est["seconds"].items()]),
+            "",
+            "Sustained TFLOP/s this run achieved per stage (same FLOP count): "
+            + ", ".join(f"{k} {x:.3f}" for k, x in (report["achieved_tflops"] or {}).items())
+            + ".",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _prompts(out: Path) -> list[str]:
+    path = out / "data" / "eval.json"
+    return json.loads(path.read_text())["captions"] if path.is_file() else []

@@ -1,0 +1,140 @@
+"""The toy benchmark (issue 9): the ``ci`` preset end to end through the CLI, stage caching, the evaluation
+networks against shuffled labels, and the Frechet distance."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from senseflow.toy.data import make_split
+from senseflow.toy.evalnets import (
+    classifier_accuracy,
+    feature_net_accuracy,
+    frechet_distance,
+    train_cell_classifier,
+    train_feature_net,
+)
+from senseflow.toy.pipeline import methods
+from senseflow.toy.presets import PRESETS, RESOLUTION
+
+from .conftest import run_cmd
+
+CI = PRESETS["ci"]
+STAGES = [
+    "data",
+    "backbones",
+    "vae",
+    "teacher",
+    "featnet",
+    "classifiers",
+    *[f"distill/{v}" for v in ("dmd", "dmd_ida", "dmd_ida_isg", "senseflow")],
+    *[f"eval/{m}" for m in methods(CI)],
+    "report",
+]
+
+
+def test_frechet_distance():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 16))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shifted = [frechet_distance(a, a + s) for s in (0.1, 0.5, 1.0)]
+    assert shifted[0] > 0
+    assert shifted[0] < shifted[1] < shifted[2]
+    # a pure mean shift adds exactly |shift|^2 per dimension
+    assert shifted[2] == pytest.approx(16 * 1.0**2, rel=1e-6)
+    b = rng.normal(size=(400, 16)) * 2.0  # different covariance, same mean
+    assert frechet_distance(a, b) > frechet_distance(a, rng.normal(size=(400, 16)))
+
+
+@pytest.fixture(scope="module")
+def ci_data():
+    """Real scenes at the ci preset's size: a training split and a held-out split."""
+    return make_split(CI.num_train, RESOLUTION, 11), make_split(128, RESOLUTION, 12)
+
+
+def test_cell_classifier_real_vs_shuffled(ci_data):
+    train, held = ci_data
+    real = classifier_accuracy(train_cell_classifier(train, CI.classifier_steps, seed=0), held)
+    shuffled = classifier_accuracy(
+        train_cell_classifier(train, CI.classifier_steps, seed=0, shuffle_labels=True), held
+    )
+    # occupied cells: chance is 1/8 for colours, 1/3 for shapes, 1/2 for sizes
+    assert real["color"] > 0.7 and shuffled["color"] < 0.3, (real, shuffled)
+    assert real["occupancy"] > 0.95 and shuffled["occupancy"] < 0.85, (real, shuffled)
+    assert real["size"] > 0.8 and real["shape"] > shuffled["shape"] + 0.1, (real, shuffled)
+
+
+def test_feature_net_real_vs_shuffled(ci_data):
+    train, held = ci_data
+    real = feature_net_accuracy(train_feature_net(train, CI.featnet_steps, seed=0), held)
+    shuffled = feature_net_accuracy(
+        train_feature_net(train, CI.featnet_steps, seed=0, shuffle_labels=True), held
+    )
+    # 5 background colours (chance 0.2), plain or gradient (0.5)
+    assert real["background"] > 0.6 and shuffled["background"] < 0.4, (real, shuffled)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def test_cli_ci_preset_and_rerun(tiny_cache, tmp_path):
+    out = tmp_path / "toy"
+    cmd = [
+        sys.executable,
+        "-m",
+        "senseflow.toy",
+        "--preset",
+        "ci",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--jobs",
+        "2",
+    ]
+    t0 = time.time()
+    r = run_cmd(cmd, tiny_cache, timeout=120)
+    first = time.time() - t0
+    assert r.returncode == 0, r.stderr[-4000:]
+    report_dir = out / "report"
+    for name in ("report.md", "report.json", "metrics_plot.png", "grids/comparison.png"):
+        assert (report_dir / name).is_file(), name
+    report = json.loads((report_dir / "report.json").read_text())
+    table = methods(CI)
+    assert len(report["table"]["rows"]) == len(table)
+    for name in table:
+        assert (report_dir / "grids" / f"{name}.png").is_file(), name
+        metrics = report["methods"][name]["metrics"]
+        assert set(metrics) >= {"fd", "color", "shape", "position", "attributes", "scene"}
+        assert all(_finite(v) for v in metrics.values()), (name, metrics)
+    for name in ("dmd", "dmd_ida", "dmd_ida_isg", "senseflow"):
+        curve = report["curves"][name]
+        assert [p["iter"] for p in curve] == [0, CI.save_interval, CI.distill_iters]
+        assert (out / "distill" / name / f"ckpt_model_{CI.distill_iters}.pth").is_file()
+    md = (report_dir / "report.md").read_text()
+    for label in (table[m]["label"] for m in table):
+        assert label in md
+    assert set(report["goal"]) >= {"fd_ratio_to_teacher_many", "attribute_gap_points", "beats_teacher_4"}
+    assert "| Method |" in r.stdout  # the CLI prints the table
+    assert "in 2 parallel processes" in r.stderr  # the variants were trained side by side
+    assert "[senseflow] senseflow.engine" in r.stderr
+
+    # a second run finds every stage finished
+    t0 = time.time()
+    r2 = run_cmd(cmd, tiny_cache, timeout=120)
+    second = time.time() - t0
+    assert r2.returncode == 0, r2.stderr[-4000:]
+    for stage in STAGES:
+        assert f"stage {stage}: skipped" in r2.stderr, stage
+    assert ": running" not in r2.stderr
+    assert second < min(30.0, first / 2), (first, second)
+
+    # another preset into the same folder is refused
+    r3 = run_cmd([*cmd[:4], "cpu", *cmd[5:]], tiny_cache, timeout=60)
+    assert r3.returncode == 2 and "another --out" in r3.stderr
