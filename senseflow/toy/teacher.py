@@ -110,11 +110,11 @@ def train_vae(images: np.ndarray, preset: Preset, device: torch.device, seed: in
     )
     gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(device).manual_seed(seed + 1)
-    data = torch.from_numpy(images)
+    data = torch.from_numpy(images).to(device)  # uint8 on the device: no host copy per step
     t0 = time.time()
     for step in range(preset.vae_steps):
-        idx = torch.randint(0, len(data), (preset.vae_batch,), generator=gen)
-        x = (data[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0).to(device)
+        idx = torch.randint(0, len(data), (preset.vae_batch,), generator=gen).to(device)
+        x = data[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0
         with autocast(device):
             post = vae.encode(x).latent_dist
             y = vae.decode(post.sample(generator=noise_gen)).sample.float()
@@ -249,6 +249,17 @@ def count_parameters(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+@torch.no_grad()
+def encode_captions(adapter, captions: list[str], dtype: torch.dtype, chunk: int = 1024) -> dict:
+    """Every caption encoded once by the adapter (the text encoders are frozen), stored in ``dtype`` on
+    the adapter's device: a training step then indexes rows instead of running three text encoders."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, len(captions), chunk):
+        for k, v in adapter.encode_prompts(captions[i : i + chunk]).items():
+            parts.setdefault(k, []).append(v.to(dtype) if v.is_floating_point() else v)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
 def train_teacher(
     folder: Path,
     means: torch.Tensor,
@@ -272,7 +283,8 @@ def train_teacher(
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     n_params = count_parameters(net)
     logger.info("teacher transformer: %.2fM parameters (%s)", n_params / 1e6, preset.params_label)
-    opt = torch.optim.AdamW(net.parameters(), lr=preset.teacher_lr, weight_decay=0.0)
+    net_params, ema_params = list(net.parameters()), list(ema.parameters())
+    opt = torch.optim.AdamW(net_params, lr=preset.teacher_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: _lr_factor(s, preset.teacher_steps, preset.teacher_warmup)
     )
@@ -281,14 +293,15 @@ def train_teacher(
     means, stds = means.to(device), stds.to(device)
     scale, shift = adapter.scaling_factor, adapter.shift_factor
     empty = adapter.empty_cond(1)
+    all_cond = encode_captions(adapter, captions, torch.bfloat16 if device.type == "cuda" else torch.float32)
     batch = preset.teacher_batch
     t0, losses = time.time(), []
     for step in range(preset.teacher_steps):
-        idx = torch.randint(0, len(captions), (batch,), generator=gen)
-        z = means[idx.to(device)]
-        z = z + stds[idx.to(device)] * torch.randn(z.shape, generator=noise_gen, device=device)
+        idx = torch.randint(0, len(captions), (batch,), generator=gen).to(device)
+        z = means[idx]
+        z = z + stds[idx] * torch.randn(z.shape, generator=noise_gen, device=device)
         x0 = (z - shift) * scale
-        cond = adapter.encode_prompts([captions[i] for i in idx.tolist()])
+        cond = {k: v[idx].to(empty[k].dtype) for k, v in all_cond.items()}
         drop = (torch.rand(batch, generator=gen) < CAPTION_DROPOUT).to(device)
         cond = {
             k: torch.where(drop.reshape(-1, *[1] * (v.dim() - 1)), empty[k].expand_as(v), v)
@@ -309,19 +322,19 @@ def train_teacher(
         sched.step()
         decay = min(preset.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1 - decay)
-        losses.append(float(loss))
+            torch._foreach_lerp_(ema_params, net_params, 1 - decay)
+        losses.append(loss.detach())  # no host sync per step
         if (step + 1) % max(preset.teacher_steps // 20, 1) == 0:
             logger.info(
                 "teacher: step %d/%d loss %.4f (mean of last %d), %.1fs",
                 step + 1,
                 preset.teacher_steps,
-                float(np.mean(losses[-50:])),
+                float(torch.stack(losses[-50:]).mean()),
                 min(len(losses), 50),
                 time.time() - t0,
             )
     seconds = time.time() - t0
+    losses = [float(v) for v in torch.stack(losses[-50:]).cpu()]
     tmp = folder / "transformer.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     ema.save_pretrained(tmp, safe_serialization=True)
