@@ -7,7 +7,7 @@ the same generation two ways with the same modules:
 * **ours**: :func:`senseflow.inference.generate` (prompt encoding, the x0 sampler at the recipe's
   trained levels, VAE decode), what the ``scripts_*`` inference scripts run;
 * **diffusers**: the stock ``StableDiffusion3Pipeline`` / ``FluxPipeline`` built from the same
-  transformer, text encoders and VAE with ``num_inference_steps`` = the same step count, no
+  transformer, text encoders and VAE (both sides decode in the networks' dtype, bf16 on CUDA) with ``num_inference_steps`` = the same step count, no
   classifier-free guidance, ``output_type="pt"`` (tensors: no PIL conversion on either side).
 
 Each entry is the median of ``--repeats`` timed calls after ``--warmup`` untimed ones (CUDA synchronised
@@ -100,7 +100,10 @@ def benchmark(args: argparse.Namespace) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     recipe = RECIPES[args.recipe]
     teacher = args.teacher or recipe.arch
-    overrides = ["model.random_init=true"] if teacher.startswith("arch:") else []
+    # the VAE in the networks' dtype: the stock pipelines decode the transformer's latents as they are
+    overrides = [f"precision.vae={'bf16' if dtype == torch.bfloat16 else 'fp32'}"]
+    if teacher.startswith("arch:"):
+        overrides.append("model.random_init=true")
     t0 = time.time()
     cfg, adapter = build_inference(REPO / recipe.config, teacher, device, dtype, overrides)
     with torch.device(device):

@@ -4,7 +4,7 @@
 
 1. ``data``: procedural captioned scenes of one to three coloured shapes on a 3x3 grid (the renderer of
    :mod:`senseflow.data.tiny`, drawn at 2x and box-filtered to 64 px), a training split, a fixed
-   evaluation prompt set with known attributes, an independent real set (the Frechet floor) and the
+   evaluation prompt set with known attributes, an independent real set of other prompts (a Frechet reference point) and the
    PNG + ``dataset.json`` the distillation engine reads.
 2. ``backbones``: the tiny random DINOv2 and CLIP of the discriminator (random, fixed: the GAN's heads
    are the only trained part, as in the real recipe where the backbones are frozen).

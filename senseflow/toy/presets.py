@@ -28,7 +28,7 @@ class Preset:
     num_distill_images: int
     """Scenes written as PNG + dataset.json for the distillation engine (the real images of DMD/GAN)."""
     num_eval: int
-    """Fixed evaluation prompts with known attributes (and as many real images of another seed: the floor)."""
+    """Fixed evaluation prompts with known attributes (and as many real images of another seed: a reference point for the Frechet distance)."""
     # --- VAE (AutoencoderKL, trained here)
     vae_channels: tuple[int, ...]
     vae_steps: int
@@ -131,14 +131,14 @@ PRESETS: dict[str, Preset] = {
         width=384,
         heads=6,
         depth=8,
-        teacher_steps=3000,
+        teacher_steps=2000,
         teacher_batch=128,
         teacher_warmup=200,
         featnet_steps=1500,
         classifier_steps=1000,
-        distill_iters=800,
+        distill_iters=400,
         distill_batch=32,
-        save_interval=200,
+        save_interval=100,
         teacher_many_steps=50,
         eval_batch=250,
         grid_prompts=16,
