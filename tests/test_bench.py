@@ -176,3 +176,22 @@ def test_recompute_tracker(checkpointed):
     forward = 2 * 4 * (8 * 16 + 16 * 8)  # two matmuls
     assert rec.recompute == (forward if checkpointed else 0)
     assert counter.get_total_flops() - rec.recompute == 3 * forward  # forward + backward (2x)
+
+
+@pytest.mark.parametrize("recipe,teacher", [("sd35_medium", "tiny:sd3"), ("flux", "tiny:flux")])
+def test_bench_inference_tiny(tiny_cache, tmp_path, recipe, teacher):
+    """Ours and the stock diffusers pipeline on the same tiny networks: every row measured and printed."""
+    out = tmp_path / "latency.json"
+    args = [sys.executable, "-m", "senseflow.bench_inference", "--recipe", recipe, "--teacher", teacher]
+    args += ["--batch-sizes", "1", "2", "--warmup", "0", "--repeats", "2", "--resolution", "64"]
+    r = run_cmd([*args, "--device", "cpu", "--out", str(out)], tiny_cache, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["resolution"] == 64 and result["num_steps"] == 4 and len(result["levels"]) == 4
+    rows = {(row["impl"], row["batch"]): row for row in result["rows"]}
+    assert set(rows) == {(i, b) for i in ("ours", "diffusers") for b in (1, 2)}
+    for (impl, batch), row in rows.items():
+        assert len(row["times_s"]) == 2 and all(t > 0 for t in row["times_s"])
+        assert row["median_s"] == pytest.approx(sorted(row["times_s"])[0] / 2 + sorted(row["times_s"])[1] / 2)
+        assert row["images_per_s"] == pytest.approx(batch / row["median_s"])
+        assert re.search(rf"\| {impl} \| {batch} \| {NUM} \| {NUM} \|", r.stdout), r.stdout
