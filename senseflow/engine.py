@@ -139,6 +139,8 @@ class Trainee:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     params: list[nn.Parameter] = field(default_factory=list)
+    stepped: bool = False
+    """Whether the optimiser has stepped in this process (its first step may compile, see ``_opt_step``)."""
 
 
 class Engine:
@@ -277,7 +279,7 @@ class Engine:
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         if torch.isfinite(norm):
-            t.opt.step()
+            self._opt_step(t, name)
         else:
             self.counters[f"nonfinite_{name}"] += 1
             logger.warning(
@@ -285,6 +287,25 @@ class Engine:
             )
         t.opt.zero_grad(set_to_none=True)
         return norm.detach()
+
+    def _opt_step(self, t: Trainee, name: str) -> None:
+        """``t.opt.step()``; the first 8-bit AdamW step is announced and timed, because torchao compiles
+        its update once per distinct parameter shape there (minutes at full size, silent otherwise)."""
+        if t.stepped or self.cfg.optimizer.name != "adamw8bit":
+            t.opt.step()
+            t.stepped = True
+            return
+        shapes = {tuple(getattr(p, "_local_tensor", p).shape) for p in t.params}
+        logger.info(
+            "first %s optimiser step: torchao compiles its 8-bit AdamW update for each of %d parameter "
+            "shapes (once per process; can take minutes at full size)",
+            name,
+            len(shapes),
+        )
+        start = time.time()
+        t.opt.step()
+        t.stepped = True
+        logger.info("first %s optimiser step done in %.1fs", name, time.time() - start)
 
     def _gen_pred(self, x: torch.Tensor, level: torch.Tensor, cond, grad: bool) -> torch.Tensor:
         """Generator prediction; no-grad passes may run in fp32 (compat N5)."""

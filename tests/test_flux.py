@@ -103,3 +103,36 @@ def test_adamw8bit_steps(tiny_cache):
     lin(torch.randn(4, 256)).pow(2).mean().backward()
     opt.step()
     assert not torch.equal(before, lin.weight) and "exp_avg" in opt.state[lin.weight]
+
+
+def test_first_8bit_step_is_announced(caplog):
+    """The first 8-bit AdamW step (torchao compiles it per parameter shape) is logged with its time, once."""
+    pytest.importorskip("torchao")
+    import logging
+    from types import SimpleNamespace
+
+    from senseflow.engine import Engine, Trainee, _adamw8bit
+
+    lin = torch.nn.Linear(256, 256)
+    params = list(lin.parameters())
+    kwargs = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+    for name, opt in (
+        ("adamw8bit", _adamw8bit(params, kwargs)),
+        ("adamw", torch.optim.AdamW(params, **kwargs)),
+    ):
+        engine = SimpleNamespace(cfg=SimpleNamespace(optimizer=SimpleNamespace(name=name)))
+        trainee = Trainee(lin, opt, None, params)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="senseflow.engine"):
+            for _ in range(2):
+                before = lin.weight.detach().clone()
+                lin(torch.randn(4, 256)).pow(2).mean().backward()
+                Engine._opt_step(engine, trainee, "fake")
+                opt.zero_grad()
+                assert not torch.equal(before, lin.weight)
+        announced = [r.getMessage() for r in caplog.records if "first fake optimiser step" in r.getMessage()]
+        if name == "adamw8bit":
+            assert len(announced) == 2 and "2 parameter shapes" in announced[0] and "done in" in announced[1]
+        else:
+            assert not announced
+        assert trainee.stepped
