@@ -49,6 +49,11 @@ class ModelConfig:
     """Build components from their config.json with random weights instead of loading weights (benchmarks)."""
     t5_max_length: int = 77
     """T5 token length of the prompt encoding (SD3.5: 77, spec §11; FLUX: 512, spec §10)."""
+    shard_text_encoders: bool = False
+    """Shard the frozen text encoders over the ranks with FSDP2 (per layer) instead of keeping a full copy
+    on every GPU: T5-XXL in bf16 (SD3.5, FLUX) is 9.1 GiB per GPU replicated, 9.1/N sharded, at the cost of
+    all-gathering its layers at every prompt encoding. Same outputs; the memory and time effect is
+    predicted, not yet measured on GPUs (``benchmarks/NOTES.md``). No effect in a single process."""
     gradient_checkpointing: bool = True
     """Activation checkpointing of the trained transformers' blocks and of the VAE decoder."""
 

@@ -445,6 +445,7 @@ class Engine:
         with torch.no_grad(), self.timer.phase("text_encode"):
             cond = self.adapter.encode_prompts(prompts)
             uncond = self.adapter.empty_cond(n)
+            self.adapter.reshard_text_encoders()
         with self.timer.phase("vae_encode"):
             x0_real, images = self._real_inputs(batch, backsim)
         with self.timer.phase("backward_simulation"):

@@ -32,4 +32,7 @@ def check_teacher_dir(cfg) -> Path:
 def build_adapter(cfg, info) -> TeacherAdapter:
     """Instantiate the adapter named by ``cfg.model.family``."""
     _, cls = _adapter_module(cfg.model.family)
-    return cls(cfg, info)
+    adapter = cls(cfg, info)
+    if cfg.model.shard_text_encoders and info.world_size > 1:
+        adapter.shard_text_encoders()
+    return adapter

@@ -95,6 +95,15 @@ def load_component(
     return model.requires_grad_(False).eval()
 
 
+def text_encoder_layers(enc: nn.Module) -> list[nn.Module]:
+    """The transformer layers of a transformers text encoder: the first ``ModuleList`` named ``block``
+    (T5) or ``layers`` (CLIP; under ``text_model`` or not, depending on the transformers version)."""
+    for name, module in enc.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("block", "layers"):
+            return list(module)
+    raise ConfigError(f"model.shard_text_encoders: no layer list found in {type(enc).__name__}")
+
+
 class TeacherAdapter:
     """Base class of the family adapters (see the module docstring).
 
@@ -127,6 +136,23 @@ class TeacherAdapter:
         self.scaling_factor = self.vae.config.scaling_factor
         self.shift_factor = getattr(self.vae.config, "shift_factor", None) or 0.0
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def shard_text_encoders(self) -> None:
+        """FSDP2-shard every text encoder per transformer layer (``model.shard_text_encoders``).
+
+        Every rank must then encode prompts the same number of times (the engine encodes once per
+        iteration on every rank) and call :meth:`reshard_text_encoders` afterwards."""
+        from ..parallel import shard
+
+        for enc in self.text_encoders:
+            shard(enc, text_encoder_layers(enc), None)
+        logger.info("text encoders sharded over %d ranks (FSDP2 per layer)", self.info.world_size)
+
+    def reshard_text_encoders(self) -> None:
+        """Free the unsharded root parameters FSDP2 keeps after a forward (no-op when not sharded)."""
+        from ..parallel import reshard
+
+        reshard(*getattr(self, "text_encoders", []))
 
     # --- networks -----------------------------------------------------------------------------------
 

@@ -1,0 +1,139 @@
+"""``model.shard_text_encoders``: the tiny SD3 and FLUX text encoders sharded with FSDP2 over 2 gloo
+processes give the same prompt encodings as unsharded copies, while each rank holds about half of the
+encoders' parameters."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .conftest import REPO, free_port
+
+WORLD = 2
+CONFIGS = {"sd3": "configs/tiny/sd35_senseflow_tiny.yaml", "flux": "configs/tiny/flux_senseflow_tiny.yaml"}
+
+
+def _local_numel(enc: torch.nn.Module) -> int:
+    return sum(getattr(p, "_local_tensor", p).numel() for p in enc.parameters())
+
+
+def _worker(rank: int, store_path: str, out_dir: str, teachers: dict) -> None:
+    from senseflow.adapters import build_adapter
+    from senseflow.config import load_config
+    from senseflow.distributed import DistInfo
+
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, WORLD)
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120)
+    )
+    try:
+        info = DistInfo(rank, WORLD, rank, torch.device("cpu"))
+        prompts = [f"a red circle number {rank}", "a blue square at the top left"][: 1 + rank]  # ranks differ
+        results = {}
+        for family, teacher in teachers.items():
+            for sharded in (False, True):
+                cfg = load_config(
+                    REPO / CONFIGS[family],
+                    [
+                        f"paths.pretrained_model={teacher}",
+                        f"model.shard_text_encoders={str(sharded).lower()}",
+                    ],
+                )
+                adapter = build_adapter(cfg, info)
+                with torch.no_grad():
+                    cond = [adapter.encode_prompts(prompts) for _ in range(2)]  # twice: reshard in between
+                    adapter.reshard_text_encoders()
+                    empty = adapter.empty_cond(1)
+                    adapter.reshard_text_encoders()
+                results[(family, sharded)] = {
+                    "cond": cond[1],
+                    "repeat_equal": all(torch.equal(cond[0][k], cond[1][k]) for k in cond[0]),
+                    "empty": empty,
+                    "local_numel": [_local_numel(e) for e in adapter.text_encoders],
+                    "all_dtensor": all(
+                        hasattr(p, "placements") for e in adapter.text_encoders for p in e.parameters()
+                    ),
+                }
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded_results(tiny_cache, tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    from senseflow.data.tiny import resolve_path
+
+    teachers = {family: str(resolve_path(f"tiny:{family}")) for family in CONFIGS}  # built once, here
+    tmp = tmp_path_factory.mktemp("shard_text")
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(free_port())
+    try:
+        mp.spawn(_worker, args=(str(tmp / "store"), str(tmp), teachers), nprocs=WORLD, join=True)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_sharded_text_encoders_match(sharded_results, family):
+    for rank, results in enumerate(sharded_results):
+        full, sharded = results[(family, False)], results[(family, True)]
+        assert not full["all_dtensor"] and sharded["all_dtensor"], rank
+        for key in ("cond", "empty"):
+            assert full[key].keys() == sharded[key].keys()
+            for k in full[key]:
+                # same weights, same ops; all-gathered weights may take another GEMM path (last-bit rounding)
+                diff = (full[key][k] - sharded[key][k]).abs().max().item()
+                assert diff <= 1e-5 * max(full[key][k].abs().max().item(), 1.0), (rank, key, k, diff)
+        assert sharded["repeat_equal"]
+    # the ranks' shards partition every encoder; each rank holds about half (dim 0 split, uneven rows)
+    full = sharded_results[0][(family, False)]["local_numel"]
+    per_rank = [results[(family, True)]["local_numel"] for results in sharded_results]
+    for i, n_full in enumerate(full):
+        shards = [n[i] for n in per_rank]
+        assert sum(shards) == n_full, (n_full, shards)
+        assert max(shards) <= 0.52 * n_full, (n_full, shards)
+
+
+def test_engine_with_sharded_text_encoders(tiny_cache, tmp_path):
+    """The tiny SD3.5 recipe through the launcher on 2 processes: the same losses with sharded encoders."""
+    import json
+
+    from .conftest import launch
+    from .test_e2e import FAST, LAUNCHER, TINY
+
+    runs = {}
+    for sharded in ("false", "true"):
+        out = tmp_path / sharded
+        r = launch(
+            LAUNCHER,
+            1,
+            2,
+            TINY,
+            out,
+            *FAST,
+            "train.iter_num=3",
+            f"model.shard_text_encoders={sharded}",
+            cache=tiny_cache,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ("text encoders sharded over 2 ranks" in r.stderr) == (sharded == "true")
+        runs[sharded] = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    a, b = runs["false"], runs["true"]
+    losses = [k for k in a if k.startswith("loss/")]
+    assert {"loss/dm", "loss/fake"} <= set(losses)
+    for k in losses:
+        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
