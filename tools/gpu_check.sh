@@ -9,7 +9,12 @@
 # large_2gpu         SD3.5 Large recipe on 2 GPUs
 # flux_2gpu          FLUX.1-dev recipe on 2 GPUs (bf16 weights, 8-bit AdamW)
 # sdxl_1gpu, dmd2_1gpu   SDXL SenseFlow and DMD2 recipes on 1 GPU
-# Each prints `python -m senseflow.summarize` of its run; logs go to $OUT (default /tmp/gpu_check).
+# bench_<recipe>_<n>gpu  `python -m senseflow.bench` (phases, FLOPs, MFU), e.g. bench_sd35_medium_1gpu,
+#                    bench_flux_2gpu; bench_sd35_medium_2gpu_shardte adds model.shard_text_encoders=true
+# infer_<recipe>     `python -m senseflow.bench_inference` (4-step latency, ours vs stock diffusers)
+# toy                `python -m senseflow.toy --preset gpu` (the distillation benchmark, ~12 min)
+# Each prints `python -m senseflow.summarize` of its run (benchmarks: their table); logs and JSON go to
+# $OUT (default /tmp/gpu_check).
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 ITERS=${ITERS:-22}
@@ -28,7 +33,7 @@ step() {  # name, command...
     [ "$status" = ok ] || tail -n 25 "$OUT/$name.log"
 }
 
-summary() { python -m senseflow.summarize "$OUT/$1" --skip "${2:-3}" 2>&1 | tr -d '\n '; echo; }
+summary() { ${PYTHON:-python} -m senseflow.summarize "$OUT/$1" --skip "${2:-3}" 2>&1 | tr -d '\n '; echo; }
 
 tiny() {  # name launcher config
     step "$1" sh "$2" 1 2 "$3" "$OUT/$1" $BF16 train.iter_num=10 train.log_interval=1
@@ -62,6 +67,19 @@ for check in "$@"; do
         flux_2gpu) full flux_2gpu exp_flux/train_flux_senseflow.sh configs/FLUX/flux_senseflow.yaml flux_dev 2 ;;
         sdxl_1gpu) full sdxl_1gpu exp_sdxl/train_sdxl_senseflow.sh configs/sdxl/sdxl_senseflow.yaml sdxl_base 1 ;;
         dmd2_1gpu) full dmd2_1gpu exp_sdxl/train_sdxl_dmd2.sh configs/sdxl/sdxl_dmd2.yaml sdxl_base 1 ;;
+        bench_*)
+            spec=${check#bench_} extra=""
+            case $spec in *_shardte) spec=${spec%_shardte} extra=model.shard_text_encoders=true ;; esac
+            nproc=${spec##*_} recipe=${spec%_*}; nproc=${nproc%gpu}
+            step "$check" torchrun --standalone --nproc_per_node "$nproc" -m senseflow.bench --recipe "$recipe" \
+                --warmup "${WARMUP:-3}" --iters "${BENCH_ITERS:-10}" --out "$OUT/$check.json" $extra
+            grep -A3 "^| recipe" "$OUT/$check.log" | head -n 3 ;;
+        infer_*)
+            step "$check" ${PYTHON:-python} -m senseflow.bench_inference --recipe "${check#infer_}" --out "$OUT/$check.json"
+            tail -n 6 "$OUT/$check.log" ;;
+        toy)
+            step toy ${PYTHON:-python} -m senseflow.toy --preset gpu --out "$OUT/toy"
+            tail -n 12 "$OUT/toy.log" ;;
         *) echo "unknown check $check" >&2 ;;
     esac
 done
