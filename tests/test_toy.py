@@ -135,6 +135,10 @@ def test_cli_ci_preset_and_rerun(tiny_cache, tmp_path):
     assert ": running" not in r2.stderr
     assert second < min(30.0, first / 2), (first, second)
 
-    # another preset into the same folder is refused
+    # another preset into the same folder is refused, so is a changed distillation length
     r3 = run_cmd([*cmd[:4], "cpu", *cmd[5:]], tiny_cache, timeout=60)
     assert r3.returncode == 2 and "another --out" in r3.stderr
+    r4 = run_cmd([*cmd, "--distill-iters", "20"], tiny_cache, timeout=60)
+    assert r4.returncode == 2 and "another --out" in r4.stderr
+    r5 = run_cmd([*cmd, "--distill-iters", "2"], tiny_cache, timeout=60)
+    assert r5.returncode == 2 and "--distill-iters: must be at least 4" in r5.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shlex
 import sys
@@ -32,6 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument(
+        "--distill-iters",
+        type=int,
+        default=None,
+        help="distillation iterations of every variant instead of the preset's (checkpoints at each quarter); "
+        "a changed preset needs a new --out",
+    )
+    p.add_argument(
         "--jobs",
         type=int,
         default=None,
@@ -55,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         preset = get_preset(preset_name)
+        if args.distill_iters is not None:
+            if args.distill_iters < 4:
+                raise SenseFlowError("--distill-iters: must be at least 4")
+            preset = dataclasses.replace(
+                preset, distill_iters=args.distill_iters, save_interval=args.distill_iters // 4
+            )
         if device.type == "cuda" and not torch.cuda.is_available():
             raise SenseFlowError("--device: cuda requested but no CUDA device is visible")
         from .pipeline import run
