@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import ConfigError, SenseFlowError
+from .output import emit
 
 logger = logging.getLogger("senseflow.bench")
 
@@ -896,22 +897,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.plan:
             results = load_results(args.results)
             rows, share, source = plan(results, args.memory_gib, args.headroom, args.sharded_share)
-            print(format_plan(rows, args.memory_gib, args.headroom, share, source))
+            emit(format_plan(rows, args.memory_gib, args.headroom, share, source))
             return 0
         if args.show is not None:
             for r in load_results(args.show or args.results):
-                print(f"## {r['_file']}\n\n{format_result(r)}\n")
+                emit(f"## {r['_file']}\n\n{format_result(r)}\n")
             return 0
         result = benchmark(args)
         if result is not None:
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-            print(format_result(result))
+            emit(format_result(result))
             if result.get("flops"):
-                print("\n" + textwrap.fill(f"FLOPs: {FLOPS_CONVENTION}", 110))
+                emit("\n" + textwrap.fill(f"FLOPs: {FLOPS_CONVENTION}", 110))
             if args.out:
-                print(f"wrote {args.out}")
+                emit(f"wrote {args.out}")
     except SenseFlowError as err:
         if rank == 0:
             logger.error("%s", err)

@@ -32,6 +32,7 @@ import torch
 
 from .bench import RECIPES
 from .errors import SenseFlowError
+from .output import emit
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,9 @@ def benchmark(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m senseflow.bench_inference", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m senseflow.bench_inference", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--recipe", choices=SUPPORTED, default="sd35_medium")
     p.add_argument(
         "--teacher",
@@ -202,11 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     except SenseFlowError as err:
         logger.error("%s", err)
         return 2
-    print(f"{result['recipe']} on {result['device']}, {result['resolution']} px, {result['num_steps']} steps")
-    print("| impl | batch | s/call (median) | images/s | peak GiB |")
-    print("| --- | --- | --- | --- | --- |")
-    for r in result["rows"]:
-        print(f"| {r['impl']} | {r['batch']} | {r['median_s']:.3f} | {r['images_per_s']:.2f} | {r['peak_gib']:.1f} |")
+    emit(
+        f"{result['recipe']} on {result['device']}, {result['resolution']} px, {result['num_steps']} steps",
+        "| impl | batch | s/call (median) | images/s | peak GiB |",
+        "| --- | --- | --- | --- | --- |",
+        *(
+            f"| {r['impl']} | {r['batch']} | {r['median_s']:.3f} | {r['images_per_s']:.2f} | {r['peak_gib']:.1f} |"
+            for r in result["rows"]
+        ),
+    )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -36,6 +36,7 @@ from typing import Any
 
 from .data import build_dataset
 from .errors import ConfigError, DataError, SenseFlowError
+from .output import emit
 
 logger = logging.getLogger("senseflow.check")
 
@@ -433,9 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     lines = run_checks(args.config, args.overrides, args.nproc, args.nnodes, args.save_dir)
-    print("\n".join(lines))
+    emit(*lines)
     failed = sum(line.startswith("FAIL") for line in lines)
-    print(f"{failed} problem(s) found" if failed else "all checks passed")
+    emit(f"{failed} problem(s) found" if failed else "all checks passed")
     return 2 if failed else 0
 
 

@@ -66,4 +66,6 @@ def markdown() -> str:
 
 
 if __name__ == "__main__":
-    print(markdown(), end="")
+    from .output import emit
+
+    emit(markdown().removesuffix("\n"))

@@ -28,6 +28,7 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 
 from .errors import ConfigError, SenseFlowError
+from .output import emit
 
 logger = logging.getLogger("senseflow.hub")
 
@@ -437,19 +438,18 @@ def main(argv: list[str] | None = None) -> int:
                 min_size=args.min_size,
                 workers=args.workers,
             )
-            print("\n".join(report.summary_lines()))
-            print("\n".join(paths_lines([("dataset", report.dataset)])))
+            emit(*report.summary_lines(), *paths_lines([("dataset", report.dataset)]))
             return 0
         result = download(args.model, args.out, token=args.token, revision=args.revision)
     except SenseFlowError as err:
         logger.error("%s", err)
         return 2
     spec = MODELS[args.model]
-    print(
+    emit(
         f"{spec.repo_id}: {len(result.files)} files, {_gib(result.size_bytes)} in {result.folder}"
         + (f" ({spec.note})" if spec.note else "")
     )
-    print("\n".join(paths_lines([(result.config_key, result.value)])))
+    emit(*paths_lines([(result.config_key, result.value)]))
     return 0
 
 

@@ -14,6 +14,8 @@ import json
 import statistics
 from pathlib import Path
 
+from .output import emit
+
 
 def summarize(run_dir: Path, skip: int = 3) -> dict[str, float]:
     """Medians of ``sec_per_iter`` split by whether the record contains a generator step (``loss/dm``)."""
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("--skip", type=int, default=3, help="warm-up iterations to leave out")
     args = p.parse_args(argv)
-    print(json.dumps(summarize(Path(args.run_dir), args.skip), indent=2))
+    emit(json.dumps(summarize(Path(args.run_dir), args.skip), indent=2))
     return 0
 
 

@@ -44,6 +44,8 @@ from PIL import Image
 
 from senseflow.errors import DataError
 
+from ..output import emit
+
 logger = logging.getLogger("senseflow.data.build")
 
 DATASET_NAME = "dataset.json"
@@ -685,8 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from senseflow.hub import paths_lines
 
-    print("\n".join(report.summary_lines()))
-    print("\n".join(paths_lines([("dataset", report.dataset)])))
+    emit(*report.summary_lines(), *paths_lines([("dataset", report.dataset)]))
     return 0
 
 

@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +54,8 @@ from senseflow.data.lmdb_dataset import (
     prompt_key,
 )
 from senseflow.errors import ConfigError, DataError, SenseFlowError
+
+from ..output import emit
 
 logger = logging.getLogger(__name__)
 
@@ -442,13 +443,12 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
         )
     except SenseFlowError as err:
-        print(f"error: {err}", file=sys.stderr)
+        logger.error("%s", err)
         return 2
     status = (
         "complete" if res.complete else f"incomplete (next JSON entry {res.next_source} of {res.num_source})"
     )
-    print(f"lmdb: {res.path}")
-    print(f"samples: {res.count} ({status}; {len(res.skipped)} skipped)")
+    emit(f"lmdb: {res.path}", f"samples: {res.count} ({status}; {len(res.skipped)} skipped)")
     return 0
 
 

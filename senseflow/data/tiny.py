@@ -27,6 +27,8 @@ import numpy as np
 
 from senseflow.errors import ConfigError
 
+from ..output import emit
+
 logger = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
@@ -792,8 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).expanduser().resolve()
     teacher = build_tiny_sd3(out / "sd3", seed=args.seed)
     dataset = build_tiny_dataset(out / "shapes", seed=args.seed)
-    print(f"teacher: {teacher}")
-    print(f"dataset: {dataset}")
+    emit(f"teacher: {teacher}", f"dataset: {dataset}")
     return 0
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ..errors import SenseFlowError
+from ..output import emit
 from .presets import PRESETS, get_preset
 
 logger = logging.getLogger("senseflow.toy")
@@ -79,18 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     except SenseFlowError as err:
         logger.error("%s", err)
         return 2
-    table = report["table"]
-    print("| " + " | ".join(table["columns"]) + " |")
-    print("| " + " | ".join(["---"] * len(table["columns"])) + " |")
-    for row in table["rows"]:
-        print("| " + " | ".join(row) + " |")
-    goal = report["goal"]
-    print(
+    table, goal = report["table"], report["goal"]
+    emit(
+        "| " + " | ".join(table["columns"]) + " |",
+        "| " + " | ".join(["---"] * len(table["columns"])) + " |",
+        *("| " + " | ".join(row) + " |" for row in table["rows"]),
         f"SenseFlow / teacher-{preset.teacher_many_steps}-step FD ratio {goal['fd_ratio_to_teacher_many']:.2f} "
         f"(goal <= 1.25), attribute gap {goal['attribute_gap_points']:+.1f} points (goal <= 5), "
-        f"beats the 4-step teacher: {goal['beats_teacher_4']}"
+        f"beats the 4-step teacher: {goal['beats_teacher_4']}",
+        f"report: {out.resolve() / 'report' / 'report.md'} ({time.time() - t0:.1f}s)",
     )
-    print(f"report: {out.resolve() / 'report' / 'report.md'} ({time.time() - t0:.1f}s)")
     return 0
 
 

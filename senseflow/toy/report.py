@@ -25,7 +25,6 @@ FD_RATIO_GOAL = 1.25
 ATTRIBUTE_GAP_GOAL = 5.0
 
 
-
 def busy_seconds(records) -> float:
     """Wall-clock seconds covered by the stages (the union of their intervals, so stages that ran side by
     side, like the parallel distillation variants, count once)."""
@@ -40,6 +39,7 @@ def busy_seconds(records) -> float:
             total += end - max(start, reach)
             reach = end
     return total
+
 
 def _fmt_fd(v) -> str:
     return "–" if v is None or not math.isfinite(v) else (f"{v:.3g}" if v < 100 else f"{v:.0f}")
