@@ -354,18 +354,56 @@ def save_tiny_pipeline(pipe, out: Path, tokenizers: dict[str, Callable[[Path], N
     _write_json(out / "model_index.json", index)
 
 
-def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a complete, randomly initialised tiny stable-diffusion-3 diffusers directory; return its path."""
-    import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
+def sd3_tokenizers(out: Path):
+    """Write the hand-made tokenizer folders of an SD3 directory (CLIP BPE for ``tokenizer``, T5 Unigram
+    for ``tokenizer_3``) and load them: returns ``(clip_tokenizer, t5_tokenizer)``."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
 
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     build_clip_tokenizer(out / "tokenizer")
     build_t5_tokenizer(out / "tokenizer_3")
-    clip_tok = CLIPTokenizer.from_pretrained(out / "tokenizer")
-    t5_tok = T5TokenizerFast.from_pretrained(out / "tokenizer_3")
+    return CLIPTokenizer.from_pretrained(out / "tokenizer"), T5TokenizerFast.from_pretrained(
+        out / "tokenizer_3"
+    )
+
+
+def save_sd3_folder(out: Path, transformer, vae, text_encoders, tokenizers, shift: float) -> None:
+    """Assemble a ``StableDiffusion3Pipeline`` from its parts (CLIP-L, CLIP-G, T5 encoders; the CLIP and T5
+    tokenizers of :func:`sd3_tokenizers`; a shifted flow-matching scheduler) and save it in the diffusers
+    layout with the hand-made tokenizer folders."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    clip_tok, t5_tok = tokenizers
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
+        vae=vae,
+        text_encoder=text_encoders[0],
+        tokenizer=clip_tok,
+        text_encoder_2=text_encoders[1],
+        tokenizer_2=clip_tok,
+        text_encoder_3=text_encoders[2],
+        tokenizer_3=t5_tok,
+    )
+    save_tiny_pipeline(
+        pipe,
+        out,
+        {
+            "tokenizer": build_clip_tokenizer,
+            "tokenizer_2": build_clip_tokenizer,
+            "tokenizer_3": build_t5_tokenizer,
+        },
+    )
+
+
+def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a complete, randomly initialised tiny stable-diffusion-3 diffusers directory; return its path."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    out = Path(out_dir)
+    clip_tok, t5_tok = sd3_tokenizers(out)
 
     # fork_rng: seeding must not disturb the caller's global RNG state.
     with torch.random.fork_rng(devices=[]):
@@ -394,25 +432,8 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         text_encoder_3 = _tiny_t5(t5_tok)
         torch.manual_seed(seed)
         vae = _tiny_vae(16, 1.5305, 0.0609)
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tok,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=clip_tok,
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=t5_tok,
-    )
-    save_tiny_pipeline(
-        pipe,
-        out,
-        {
-            "tokenizer": build_clip_tokenizer,
-            "tokenizer_2": build_clip_tokenizer,
-            "tokenizer_3": build_t5_tokenizer,
-        },
+    save_sd3_folder(
+        out, transformer, vae, (text_encoder, text_encoder_2, text_encoder_3), (clip_tok, t5_tok), 3.0
     )
     logger.info("built tiny SD3 teacher (seed %d) in %s", seed, out)
     return out

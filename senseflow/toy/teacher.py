@@ -201,16 +201,12 @@ def transformer_config(preset: Preset) -> dict:
 
 def build_teacher_folder(out: Path, vae, preset: Preset, seed: int) -> Path:
     """Write the complete teacher folder with a randomly initialised transformer (trained afterwards)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
 
-    from ..data.tiny import _tiny_clip, _tiny_t5, build_clip_tokenizer, build_t5_tokenizer, save_tiny_pipeline
+    from ..data.tiny import _tiny_clip, _tiny_t5, save_sd3_folder, sd3_tokenizers
 
-    out.mkdir(parents=True, exist_ok=True)
-    build_clip_tokenizer(out / "tokenizer")
-    build_t5_tokenizer(out / "tokenizer_3")
-    clip_tok = CLIPTokenizer.from_pretrained(out / "tokenizer")
-    t5_tok = T5TokenizerFast.from_pretrained(out / "tokenizer_3")
+    clip_tok, t5_tok = sd3_tokenizers(out)
     w_l, w_g, w_t5 = TEXT_WIDTHS
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
@@ -221,26 +217,8 @@ def build_teacher_folder(out: Path, vae, preset: Preset, seed: int) -> Path:
         text_encoder_3 = _tiny_t5(t5_tok, d_model=w_t5)
         torch.manual_seed(seed + 4)
         transformer = SD3Transformer2DModel(**transformer_config(preset))
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SHIFT),
-        vae=vae.to("cpu"),
-        text_encoder=text_encoder,
-        tokenizer=clip_tok,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=clip_tok,
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=t5_tok,
-    )
-    save_tiny_pipeline(
-        pipe,
-        out,
-        {
-            "tokenizer": build_clip_tokenizer,
-            "tokenizer_2": build_clip_tokenizer,
-            "tokenizer_3": build_t5_tokenizer,
-        },
-    )
+    encoders = (text_encoder, text_encoder_2, text_encoder_3)
+    save_sd3_folder(out, transformer, vae.to("cpu"), encoders, (clip_tok, t5_tok), SHIFT)
     return out
 
 
