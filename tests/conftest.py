@@ -49,3 +49,24 @@ def launch(
 ):
     """Run ``sh <launcher> NNODES NPROC CONFIG SAVE_DIR overrides...``."""
     return run_cmd(["sh", launcher, str(nnodes), str(nproc), config, str(save_dir), *overrides], cache, env)
+
+
+def spawn_gloo(worker, args: tuple, nprocs: int) -> None:
+    """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes for a gloo test (skipped where
+    torch.distributed has no gloo), with MASTER_ADDR/MASTER_PORT on a free local port for the call and
+    restored afterwards. Raises, with the child's traceback, if any rank fails."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(free_port())
+    try:
+        mp.spawn(worker, args=args, nprocs=nprocs, join=True)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+
+from .conftest import spawn_gloo
 
 LAM = 0.97
 WORLD = 2
@@ -115,28 +115,10 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     tmp = tmp_path_factory.mktemp("ida_fsdp")
-    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
-    try:
-        # raises (with the child's traceback) if any rank fails; a non-zero exit code fails too
-        mp.spawn(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    spawn_gloo(_worker, (str(tmp / "store"), str(tmp)), WORLD)
     return torch.load(tmp / "results.pt", weights_only=False)
 
 

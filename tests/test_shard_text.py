@@ -10,9 +10,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from .conftest import REPO, free_port
+from .conftest import REPO, spawn_gloo
 
 WORLD = 2
 CONFIGS = {"sd3": "configs/tiny/sd35_senseflow_tiny.yaml", "flux": "configs/tiny/flux_senseflow_tiny.yaml"}
@@ -68,22 +67,11 @@ def _worker(rank: int, store_path: str, out_dir: str, teachers: dict) -> None:
 
 @pytest.fixture(scope="module")
 def sharded_results(tiny_cache, tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     from senseflow.data.tiny import resolve_path
 
     teachers = {family: str(resolve_path(f"tiny:{family}")) for family in CONFIGS}  # built once, here
     tmp = tmp_path_factory.mktemp("shard_text")
-    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(free_port())
-    try:
-        mp.spawn(_worker, args=(str(tmp / "store"), str(tmp), teachers), nprocs=WORLD, join=True)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    spawn_gloo(_worker, (str(tmp / "store"), str(tmp), teachers), WORLD)
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
