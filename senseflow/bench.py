@@ -342,9 +342,13 @@ def run_benchmark(engine, warmup: int, iters: int, flops: bool = True) -> dict[s
     engine.timer.enabled = True
     loader = iter(engine.loader)
     t0 = time.perf_counter()
-    for k in warm_ks:
+    for i, k in enumerate(warm_ks):
+        engine.timer.trace = i == 0  # the first iteration logs each phase: compilation shows where it is
+        start = time.perf_counter()
         engine.run_iteration(k, next(loader))
         _sync(device)
+        logger.info("warm-up iteration %d done in %.1fs", k, time.perf_counter() - start)
+    engine.timer.trace = False
     engine.timer.collect()
     logger.info("warm-up: %d iterations in %.1fs", warmup, time.perf_counter() - t0)
     if device.type == "cuda":

@@ -36,7 +36,7 @@ def bench(cache, tmp_path, recipe: str, *extra: str):
     args += ["--iters", "2", "--warmup", "1", "--out", str(out), *extra]
     r = run_cmd(args, cache, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout, json.loads(out.read_text())
+    return r.stdout, json.loads(out.read_text()), r.stderr
 
 
 def table_rows(stdout: str, header: tuple[str, ...]) -> list[list[str]]:
@@ -100,11 +100,15 @@ def check_run(stdout: str, result: dict, phases: set[str], period: int) -> None:
 
 
 def test_bench_sd35_tiny(tiny_cache, tmp_path):
-    stdout, result = bench(tiny_cache, tmp_path, "sd35_medium", "train.seed=3")
+    stdout, result, log = bench(tiny_cache, tmp_path, "sd35_medium", "train.seed=3")
     phases = {"text_encode", "vae_encode", "backward_simulation", "disc_conditioning", "gen_forward", "isg"}
     phases |= {"dm", "gan_generator", "gen_backward_step", "ida", "fake_step", "disc_step"}
     check_run(stdout, result, phases, period=10)
     assert result["overrides"][-1] == "train.seed=3"  # extra overrides come last
+    # the first warm-up iteration logs each phase as it ends (a slow first iteration shows where it is)
+    traced = re.findall(r"phase (\w+) done in", log)
+    assert set(traced) == phases and traced.count("fake_step") == 1, traced
+    assert re.search(rf"warm-up iteration 10 done in {NUM}s", log)
     f = result["flops"]
     # the checkpointed trained transformer and VAE decoder are recomputed in the generator's backward
     assert f["recompute_per_iter"] > 0
@@ -115,7 +119,7 @@ def test_bench_sd35_tiny(tiny_cache, tmp_path):
 
 
 def test_bench_sdxl_dmd2_tiny(tiny_cache, tmp_path):
-    stdout, result = bench(tiny_cache, tmp_path, "sdxl_dmd2")
+    stdout, result, _ = bench(tiny_cache, tmp_path, "sdxl_dmd2")
     phases = {"text_encode", "gen_forward", "dm", "classifier", "gen_backward_step", "fake_step"}
     check_run(stdout, result, phases, period=5)
     assert "disc_step" not in result["phases"] and "isg" not in result["phases"]  # no discriminator, no ISG
