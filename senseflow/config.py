@@ -54,8 +54,21 @@ class ModelConfig:
     on every GPU: T5-XXL in bf16 (SD3.5, FLUX) is 9.1 GiB per GPU replicated, 9.1/N sharded, at the cost of
     all-gathering its layers at every prompt encoding. Same outputs; the memory and time effect is
     predicted, not yet measured on GPUs (``benchmarks/NOTES.md``). No effect in a single process."""
+    shard_discriminator: bool = False
+    """Shard the VFM discriminator's trainable heads over the ranks with FSDP2 (per head, fp32) instead of
+    replicating them on every GPU: their fp32 weights, gradients and AdamW states take 16 bytes per
+    parameter (11.5 GiB for the 0.77 B parameters of the full-size heads), of which sharding saves
+    (1 − 1/N)·16 bytes per parameter on each of N GPUs; the gradient all-reduce becomes a reduce-scatter,
+    at the cost of all-gathering each head's weights in every discriminator forward and backward. Same
+    losses and updates; the frozen DINOv2 and CLIP stay replicated. The memory and time effect is
+    predicted, not yet measured on GPUs. No effect in a single process."""
     gradient_checkpointing: bool = True
     """Activation checkpointing of the trained transformers' blocks and of the VAE decoder."""
+    cudnn_attention: bool = False
+    """Allow cuDNN's fused attention among the backends of ``scaled_dot_product_attention`` in training.
+    Off by default: on H200 with torch 2.11 (CUDA 13.0) its backward hit an illegal memory access in
+    FLUX.1-dev's joint attention at 1024 px (24 heads of dim 128, 4,608 tokens); flash attention, used
+    instead, ran it. Inference keeps torch's default choice."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ Everything family-specific lives in the adapter; everything numeric in ``schedul
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import random
@@ -42,7 +43,7 @@ from .data.json_dataset import InfiniteLoader
 from .discriminator import VFMDiscriminator
 from .discriminator.diffaug import diff_augment
 from .distributed import DistInfo, all_reduce_grads_, broadcast_tensors_
-from .errors import ConfigError
+from .errors import ConfigError, SenseFlowError
 from .losses.decoupled import decoupled_dmd_loss
 from .losses.dm import distribution_matching_loss
 from .losses.fake_score import fake_score_loss
@@ -50,7 +51,7 @@ from .losses.gan import dmd2_classifier_loss, dmd2_generator_loss, hinge_d_fake,
 from .losses.ida import implicit_distribution_alignment_
 from .losses.isg import intra_segment_guidance_loss, sdxl_legacy_isg_loss
 from .metrics import MetricsSink, image_grid
-from .parallel import DTYPE, full_state_dict, reshard
+from .parallel import DTYPE, full_state_dict, reshard, shard
 from .profiling import PhaseTimer
 from .sampling import sample_x0
 from .schedules import sample_table_index
@@ -155,6 +156,8 @@ class Engine:
         self.d = cfg.distill
         self.rng = RandomStreams(cfg.train.seed, info.rank, info.device, cfg.compat.shared_noise_across_ranks)
         self.compute_dtype = DTYPE[cfg.precision.compute]
+        if self.device.type == "cuda" and not cfg.model.cudnn_attention:
+            torch.backends.cuda.enable_cudnn_sdp(False)  # see model.cudnn_attention
 
         self._build_data()
         self.adapter = build_adapter(cfg, info)
@@ -211,8 +214,15 @@ class Engine:
         )
 
     def _build_discriminator(self) -> tuple[VFMDiscriminator | None, Trainee | None]:
-        """The VFM discriminator (frozen DINOv2 + CLIP, trainable heads replicated on every rank)."""
+        """The VFM discriminator: frozen DINOv2 + CLIP, trainable heads replicated on every rank, or
+        sharded with FSDP2 under ``model.shard_discriminator`` (each head, then all heads as the root).
+
+        The heads start from rank 0's random initialisation either way. Sharded heads compute in fp32
+        (no mixed-precision policy; the engine's autocast applies as for replicated heads), and FSDP2
+        reduce-scatters and averages their gradients, so the disc step does not all-reduce them.
+        """
         cfg = self.cfg
+        self.shard_disc = False
         if cfg.distill.gan.weight <= 0:
             return None, None
         disc = VFMDiscriminator(
@@ -223,6 +233,16 @@ class Engine:
         ).to(self.device)
         broadcast_tensors_(list(disc.heads.state_dict().values()))
         heads = disc.heads
+        if cfg.model.shard_discriminator and self.info.world_size > 1:
+            shard(heads, heads, None)
+            self.shard_disc = True
+            logger.info(
+                "discriminator heads sharded over %d ranks (FSDP2 per head): %.2f of %.2f M parameters "
+                "on this rank",
+                self.info.world_size,
+                sum(p.to_local().numel() for p in heads.parameters()) / 1e6,
+                sum(p.numel() for p in heads.parameters()) / 1e6,
+            )
         return disc, self._trainee(heads, list(disc.trainable_parameters()))
 
     def _gan_time_weights(self) -> torch.Tensor:
@@ -303,7 +323,21 @@ class Engine:
             len(shapes),
         )
         start = time.time()
-        t.opt.step()
+        try:
+            t.opt.step()
+        except Exception as e:  # torch.compile of torchao's update: errors depend on torch/torchao versions
+            last = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+            master = self.cfg.precision.master
+            hint = (
+                "set precision.master=fp32 (8-bit states with fp32 weights) or optimizer.name=adamw"
+                if master != "fp32"
+                else "set optimizer.name=adamw"
+            )
+            raise SenseFlowError(
+                f"optimizer.name=adamw8bit: torchao {importlib.metadata.version('torchao')} could not compile its 8-bit AdamW "
+                f"update for {master} weights with torch {torch.__version__} ({type(e).__name__}: {last}); "
+                f"{hint}"
+            ) from e
         t.stepped = True
         logger.info("first %s optimiser step done in %.1fs", name, time.time() - start)
 
@@ -536,6 +570,10 @@ class Engine:
             metrics["grad_norm/gen"] = self._step(self.G, [loss], "gen")
         if self.disc is not None and not self.cfg.compat.d_grad_leak:
             self.disc.heads.requires_grad_(True)
+            if self.shard_disc:
+                # FSDP2 carries requires_grad over to the gathered parameters at each unshard in the
+                # torch versions checked; should one not, a gradient reaching the heads is dropped here
+                self.D.opt.zero_grad(set_to_none=True)
         self.F.opt.zero_grad(set_to_none=True)
         if d.ida.enabled:
             with phase("ida"):
@@ -596,7 +634,12 @@ class Engine:
         returns it and the detached decoded image (reused by the discriminator step)."""
         image = self.adapter.decode_latents(x0)  # differentiable decode (checkpointed VAE)
         if not self.cfg.compat.d_grad_leak:
-            self.disc.heads.requires_grad_(False)  # B1 fixed: the heads get no gradient from this loss
+            # B1 fixed: the heads get no gradient from this loss. Sharded heads too: between passes their
+            # registered parameters are the sharded ones (each head is a non-root FSDP2 unit, resharded
+            # after forward and backward), whose requires_grad FSDP2 copies onto the all-gathered
+            # parameters at every unshard. With the leak, FSDP2 reduce-scatters this gradient into the
+            # sharded gradients, where the D step's accumulates, as replicated heads' local gradients do.
+            self.disc.heads.requires_grad_(False)
         with self._amp():
             logits = self.disc(image, adv.text, adv.ref, generator=self.rng.noise)
         return self.d.gan.weight * (adv.weight * hinge_g(logits)).mean(), image.detach()
@@ -655,7 +698,7 @@ class Engine:
         with self._amp():
             logits_fake = self.disc(image_fake.detach(), adv.text, adv.ref, generator=self.rng.noise)
         loss_fake = (adv.weight * hinge_d_fake(logits_fake)).mean()
-        norm = self._step(self.D, [loss_fake], "disc", average=True)
+        norm = self._step(self.D, [loss_fake], "disc", average=not self.shard_disc)
         self.D.sched.step()
         return {
             "loss/disc_real": loss_real.detach(),
@@ -688,7 +731,10 @@ class Engine:
     # --- checkpointing ------------------------------------------------------------------------------
 
     def _dcp_state(self) -> dict[str, Any]:
-        """Sharded states of every trained net and optimiser (torch.distributed.checkpoint)."""
+        """Sharded states of every trained net and optimiser (torch.distributed.checkpoint).
+
+        Sharded discriminator heads need no reshard: their root owns no parameters, and each head, a
+        non-root FSDP2 unit, reshards after every forward."""
         reshard(self.G.net, self.F.net)
         state = {}
         for name, t in self._trainees().items():

@@ -136,3 +136,30 @@ def test_first_8bit_step_is_announced(caplog):
         else:
             assert not announced
         assert trainee.stepped
+
+
+@pytest.mark.parametrize("master", ["bf16", "fp32"])
+def test_failed_first_8bit_step_names_the_fix(master):
+    """A torchao compile failure of the first 8-bit step (seen on torch 2.11 with bf16 weights) becomes
+    one SenseFlowError naming the config keys that avoid it."""
+    from types import SimpleNamespace
+
+    from senseflow.engine import Engine, Trainee
+    from senseflow.errors import SenseFlowError
+
+    class Failing(torch.optim.Optimizer):
+        def step(self, closure=None):
+            raise NotImplementedError("OptimState8bit dispatch: attempting to run unimplemented aten.view")
+
+    lin = torch.nn.Linear(4, 4)
+    cfg = SimpleNamespace(
+        optimizer=SimpleNamespace(name="adamw8bit"), precision=SimpleNamespace(master=master)
+    )
+    trainee = Trainee(lin, Failing(lin.parameters(), {}), None, list(lin.parameters()))
+    with pytest.raises(SenseFlowError) as err:
+        Engine._opt_step(SimpleNamespace(cfg=cfg), trainee, "gen")
+    msg = str(err.value)
+    assert (
+        "unimplemented aten.view" in msg and f"for {master} weights" in msg and "optimizer.name=adamw" in msg
+    )
+    assert ("precision.master=fp32" in msg) == (master == "bf16") and not trainee.stepped

@@ -3,7 +3,7 @@
 from .backbone import DinoBackbone, load_dinov2
 from .config import DiscriminatorConfig
 from .diffaug import diff_augment
-from .heads import DiscHead, LocalBatchNorm, downsampled_size
+from .heads import DiscHead, DiscHeads, LocalBatchNorm, downsampled_size
 from .text import ClipTextEncoder
 from .vfm import VFMDiscriminator
 
@@ -11,6 +11,7 @@ __all__ = [
     "ClipTextEncoder",
     "DinoBackbone",
     "DiscHead",
+    "DiscHeads",
     "DiscriminatorConfig",
     "LocalBatchNorm",
     "VFMDiscriminator",

@@ -12,6 +12,7 @@ Per head, with ``h0`` the tap's feature map (B, width, gh, gw):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -134,3 +135,43 @@ class DiscHead(nn.Module):
         proj = kappa.float()[:, :, None, None] + rho.float()
         logits = (o.float() * proj).sum(dim=1) * (1 / math.sqrt(self.cmap_dim))
         return logits.flatten(1)
+
+
+class DiscHeads(nn.Module):
+    """The projection heads, one per DINOv2 tap: ``forward(feats, ref_feats, c)`` -> logits
+    (B, n_heads·g'·g'), head 0 first.
+
+    A module with a ``forward`` so that the heads can form one FSDP2 root whose forward runs every head
+    (``model.shard_discriminator``). Not an ``nn.ModuleList``: FSDP2 refuses those whatever their
+    ``forward`` in torch 2.11. Heads are registered as ``"0"``, ``"1"``, ..., so the state-dict keys are
+    those of a ``ModuleList``; iteration, ``len`` and indexing work as for one.
+    """
+
+    def __init__(self, heads: Iterable[DiscHead]) -> None:
+        super().__init__()
+        for i, head in enumerate(heads):
+            self.add_module(str(i), head)
+
+    def __iter__(self) -> Iterator[DiscHead]:
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __getitem__(self, i: int) -> DiscHead:
+        return self._modules[str(i % len(self))]
+
+    def forward(
+        self, feats: list[torch.Tensor], ref_feats: list[torch.Tensor], c: torch.Tensor
+    ) -> torch.Tensor:
+        if len(ref_feats) != len(feats):
+            raise ValueError(f"got {len(ref_feats)} reference feature maps for {len(feats)} heads")
+        logits = []
+        for head, feat, ref in zip(self, feats, ref_feats):
+            if ref.shape != feat.shape:
+                raise ValueError(
+                    f"reference features {tuple(ref.shape)} do not match the input's {tuple(feat.shape)}; "
+                    "the reference image must have the batch size and resolution of the input"
+                )
+            logits.append(head(feat, ref, c))
+        return torch.cat(logits, dim=1)

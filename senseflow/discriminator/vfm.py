@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from .backbone import DinoBackbone, load_dinov2
 from .config import DiscriminatorConfig
 from .diffaug import diff_augment
-from .heads import DiscHead, downsampled_size
+from .heads import DiscHead, DiscHeads, downsampled_size
 from .text import ClipTextEncoder
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class VFMDiscriminator(nn.Module):
                 f"{self.text_encoder.embed_dim}"
             )
         width = self.backbone.width
-        self.heads = nn.ModuleList(
+        self.heads = DiscHeads(
             DiscHead(width, cfg.c_dim, cfg.cmap_dim, cfg.num_downsamples, cfg.virtual_batch)
             for _ in range(self.backbone.num_taps)
         )
@@ -115,15 +115,4 @@ class VFMDiscriminator(nn.Module):
             images = diff_augment(
                 images, self.cfg.diffaug, generator, self.cfg.translation_ratio, self.cfg.cutout_ratio
             )
-        feats = self.backbone(images)
-        if len(ref_feats) != len(feats):
-            raise ValueError(f"got {len(ref_feats)} reference feature maps for {len(feats)} heads")
-        logits = []
-        for head, feat, ref in zip(self.heads, feats, ref_feats):
-            if ref.shape != feat.shape:
-                raise ValueError(
-                    f"reference features {tuple(ref.shape)} do not match the input's {tuple(feat.shape)}; "
-                    "the reference image must have the batch size and resolution of the input"
-                )
-            logits.append(head(feat, ref, text_emb))
-        return torch.cat(logits, dim=1)
+        return self.heads(self.backbone(images), ref_feats, text_emb)
