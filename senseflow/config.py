@@ -64,11 +64,12 @@ class ModelConfig:
     predicted, not yet measured on GPUs. No effect in a single process."""
     gradient_checkpointing: bool = True
     """Activation checkpointing of the trained transformers' blocks and of the VAE decoder."""
-    cudnn_attention: bool = False
-    """Allow cuDNN's fused attention among the backends of ``scaled_dot_product_attention`` in training.
-    Off by default: on H200 with torch 2.11 (CUDA 13.0) its backward hit an illegal memory access in
-    FLUX.1-dev's joint attention at 1024 px (24 heads of dim 128, 4,608 tokens); flash attention, used
-    instead, ran it. Inference keeps torch's default choice."""
+    cudnn_attention: bool = True
+    """Leave cuDNN's fused attention among the backends torch may pick for ``scaled_dot_product_attention``
+    in training (torch's default). The FLUX recipe sets it false: on H200 with torch 2.11 (CUDA 13.0) the
+    cuDNN backward hit an illegal memory access in FLUX.1-dev's joint attention at 1024 px (24 heads of
+    dim 128, 4,608 tokens); flash attention, used instead, ran it. The SD3.5 and SDXL recipes ran with
+    it. Inference keeps torch's default choice."""
 
 
 @dataclass

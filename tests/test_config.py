@@ -80,6 +80,7 @@ def test_recipe_values_match_the_spec():
         "bf16",
         512,
     )
+    assert not flux.model.cudnn_attention and large.model.cudnn_attention  # FLUX: flash, not cuDNN SDPA
     sdxl, dmd2 = (
         load_config(REPO / f"configs/sdxl/{n}.yaml") for n in ("sdxl_senseflow", "sdxl_dmd2")
     )  # R4, R5
