@@ -226,12 +226,15 @@ def _gather(obj: Any) -> list[Any]:
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes this rank stores for ``t`` (the local shard of a DTensor; inner tensors of a subclass)."""
+    """Bytes this rank stores for ``t`` on its device (the local shard of a DTensor; inner tensors of a
+    subclass; nothing for a tensor whose storage is freed)."""
     if hasattr(t, "to_local"):
         t = t.to_local()
     if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
         names, _ = t.__tensor_flatten__()
         return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    if t.untyped_storage().nbytes() == 0:  # freed on the device (offloaded optimiser state)
+        return 0
     return t.numel() * t.element_size()
 
 

@@ -51,6 +51,7 @@ from .losses.gan import dmd2_classifier_loss, dmd2_generator_loss, hinge_d_fake,
 from .losses.ida import implicit_distribution_alignment_
 from .losses.isg import intra_segment_guidance_loss, sdxl_legacy_isg_loss
 from .metrics import MetricsSink, image_grid
+from .offload import StateOffload
 from .parallel import DTYPE, full_state_dict, reshard, shard
 from .profiling import PhaseTimer
 from .sampling import sample_x0
@@ -142,6 +143,8 @@ class Trainee:
     params: list[nn.Parameter] = field(default_factory=list)
     stepped: bool = False
     """Whether the optimiser has stepped in this process (its first step may compile, see ``_opt_step``)."""
+    offload: StateOffload | None = None
+    """Moves the optimiser states to host memory between steps (``optimizer.offload_generator_state``)."""
 
 
 class Engine:
@@ -168,6 +171,8 @@ class Engine:
         generator, fake, self.teacher = self.adapter.build_networks()
         logger.info("built generator, fake score and teacher in %.1fs", time.time() - t0)
         self.G = self._trainee(generator)
+        if cfg.optimizer.offload_generator_state:
+            self.G.offload = StateOffload(self.G.opt, pin=self.device.type == "cuda", label="generator")
         self.F = self._trainee(fake)
         self.disc, self.D = self._build_discriminator()
 
@@ -299,7 +304,11 @@ class Engine:
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         if torch.isfinite(norm):
+            if t.offload is not None:
+                t.offload.load()
             self._opt_step(t, name)
+            if t.offload is not None:
+                t.offload.offload()
         else:
             self.counters[f"nonfinite_{name}"] += 1
             logger.warning(
@@ -738,6 +747,8 @@ class Engine:
         reshard(self.G.net, self.F.net)
         state = {}
         for name, t in self._trainees().items():
+            if t.offload is not None:
+                t.offload.load()  # the caller offloads again (save_checkpoint, resume)
             state[name] = get_model_state_dict(t.net)
             state[f"opt_{name}"] = get_optimizer_state_dict(t.net, t.opt)
         return state
@@ -765,6 +776,7 @@ class Engine:
             meta={"recipe": self.cfg.recipe, "time": time.time()},
             export=export if self.info.is_main else None,
         )
+        self._offload_states()
 
     def resume(self) -> bool:
         """Load the newest complete training state, if any; returns whether it resumed."""
@@ -791,8 +803,14 @@ class Engine:
                 self.cfg.compat.shared_noise_across_ranks,
             )
             self.loader.load_state_dict({"epoch": common["loader"]["epoch"] + 1, "batches": 0})
+        self._offload_states()
         logger.info("resumed from %s at iteration %d", path, self.iteration)
         return True
+
+    def _offload_states(self) -> None:
+        for t in self._trainees().values():
+            if t.offload is not None:
+                t.offload.offload()
 
     # --- the loop -----------------------------------------------------------------------------------
 

@@ -10,7 +10,9 @@
 # flux_2gpu          FLUX.1-dev recipe on 2 GPUs (bf16 weights, 8-bit AdamW)
 # sdxl_1gpu, dmd2_1gpu   SDXL SenseFlow and DMD2 recipes on 1 GPU
 # bench_<recipe>_<n>gpu  `python -m senseflow.bench` (phases, FLOPs, MFU), e.g. bench_sd35_medium_1gpu,
-#                    bench_flux_2gpu; bench_sd35_medium_2gpu_shardte adds model.shard_text_encoders=true
+#                    bench_flux_2gpu; bench_sd35_medium_2gpu_shardte adds model.shard_text_encoders=true;
+#                    env BENCH_EXTRA adds config overrides, BENCH_TAG suffixes the result name, e.g.
+#                    BENCH_TAG=lean BENCH_EXTRA="model.shard_discriminator=true" ... bench_sd35_medium_2gpu
 # infer_<recipe>     `python -m senseflow.bench_inference` (4-step latency, ours vs stock diffusers)
 # toy                `python -m senseflow.toy --preset gpu` (the distillation benchmark, ~12 min)
 # Each prints `python -m senseflow.summarize` of its run (benchmarks: their table); logs and JSON go to
@@ -71,9 +73,10 @@ for check in "$@"; do
             spec=${check#bench_} extra=""
             case $spec in *_shardte) spec=${spec%_shardte} extra=model.shard_text_encoders=true ;; esac
             nproc=${spec##*_} recipe=${spec%_*}; nproc=${nproc%gpu}
-            step "$check" torchrun --standalone --nproc_per_node "$nproc" -m senseflow.bench --recipe "$recipe" \
-                --warmup "${WARMUP:-3}" --iters "${BENCH_ITERS:-10}" --out "$OUT/$check.json" $extra
-            grep -A3 "^| recipe" "$OUT/$check.log" | head -n 3 ;;
+            name=$check${BENCH_TAG:+_$BENCH_TAG}
+            step "$name" torchrun --standalone --nproc_per_node "$nproc" -m senseflow.bench --recipe "$recipe" \
+                --warmup "${WARMUP:-3}" --iters "${BENCH_ITERS:-10}" --out "$OUT/$name.json" $extra ${BENCH_EXTRA:-}
+            grep -A3 "^| recipe" "$OUT/$name.log" | head -n 3 ;;
         infer_*)
             step "$check" ${PYTHON:-python} -m senseflow.bench_inference --recipe "${check#infer_}" --out "$OUT/$check.json"
             tail -n 6 "$OUT/$check.log" ;;

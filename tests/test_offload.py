@@ -1,0 +1,130 @@
+"""``optimizer.offload_generator_state``: the generator's AdamW states live in host memory between its
+steps (senseflow/offload.py) and training is unchanged, also across a checkpoint and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from senseflow.config import load_config
+from senseflow.errors import ConfigError
+from senseflow.offload import StateOffload
+
+from .test_engine import TINY, make_engine
+
+
+def _adamw(model, fused: bool = False):
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False, fused=fused)
+
+
+def _step(model, opt, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    model(torch.randn(8, 16, generator=g)).square().mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def test_offload_round_trip_keeps_the_updates():
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(16, 16)
+    off = torch.nn.Linear(16, 16)
+    off.load_state_dict(ref.state_dict())
+    opt_ref, opt_off = _adamw(ref), _adamw(off)
+    offload = StateOffload(opt_off, pin=False, label="test")
+    for k in range(3):
+        _step(ref, opt_ref, k)
+        offload.load()
+        _step(off, opt_off, k)
+        offload.offload()
+        # both moments of weight and bias are off the device; the step counters stay
+        assert offload.offloaded_bytes == 2 * (16 * 16 + 16) * 4
+        for p in off.parameters():
+            state = opt_off.state[p]
+            assert state["exp_avg"].untyped_storage().nbytes() == 0
+            assert state["exp_avg_sq"].untyped_storage().nbytes() == 0
+            assert state["step"].item() == k + 1
+        assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), off.parameters())), k
+    offload.load()
+    for p_ref, p_off in zip(ref.parameters(), off.parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt_ref.state[p_ref][key], opt_off.state[p_off][key])
+    assert offload.offloaded_bytes == 0
+    offload.load()  # nothing away: a no-op
+
+
+def test_replaced_states_are_not_overwritten():
+    """States replaced while offloaded (a resume loading a checkpoint) keep their new values on load."""
+    model = torch.nn.Linear(16, 16)
+    opt = _adamw(model)
+    offload = StateOffload(opt, pin=False)
+    _step(model, opt, 0)
+    saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state_dict()["state"][0].items()}
+    offload.offload()
+    fresh = _adamw(model)
+    _step(model, fresh, 1)
+    opt.load_state_dict(fresh.state_dict())  # new tensor objects
+    offload.load()
+    assert torch.equal(opt.state[model.weight]["exp_avg"], fresh.state[model.weight]["exp_avg"])
+    assert not torch.equal(opt.state[model.weight]["exp_avg"], saved["exp_avg"])
+
+
+def test_needs_plain_adamw(tiny_cache):
+    with pytest.raises(ConfigError, match="optimizer.offload_generator_state"):
+        load_config(TINY, ["optimizer.offload_generator_state=true", "optimizer.name=adamw8bit"])
+
+
+def _metrics(path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(records: list[dict]) -> list[dict]:
+    keep = ("loss/", "grad_norm/", "disc/")
+    return [{k: v for k, v in r.items() if k.startswith(keep)} for r in records]
+
+
+def test_engine_trains_the_same_and_resumes(tiny_cache, tmp_path, caplog):
+    """Four iterations with a generator step at 2 and 4: the same losses with and without offloading,
+    also when stopped after iteration 2 (checkpoint) and resumed; the states are away after each step."""
+    common = ["train.log_interval=1", "distill.generator_period=2", "train.iter_num=4"]
+    for name in ("plain", "off", "split"):
+        (tmp_path / name).mkdir()
+    plain = make_engine(tmp_path / "plain", *common, "checkpoint.enabled=false")
+    plain.train()
+    with caplog.at_level("INFO", logger="senseflow.offload"):
+        off = make_engine(
+            tmp_path / "off", *common, "checkpoint.enabled=false", "optimizer.offload_generator_state=true"
+        )
+        off.train()
+    assert [m for m in caplog.messages if "generator optimiser states" in m]
+    assert off.G.offload.offloaded_bytes == 8 * sum(p.numel() for p in off.G.params)
+    # the rank-local tensors (G is an FSDP2 module: its states are DTensors) hold no storage
+    assert all(s["exp_avg"].to_local().untyped_storage().nbytes() == 0 for s in off.G.opt.state.values())
+    assert _losses(_metrics(tmp_path / "off")) == _losses(_metrics(tmp_path / "plain"))
+    for a, b in zip(plain.G.params, off.G.params):
+        assert torch.equal(a, b)
+
+    split = [
+        *common[:2],
+        "checkpoint.enabled=true",
+        "train.save_interval=2",
+        "optimizer.offload_generator_state=true",
+    ]
+    make_engine(tmp_path / "split", *split, "train.iter_num=2").train()
+    resumed = make_engine(tmp_path / "split", *split, "train.iter_num=4")
+    resumed.train()
+    assert resumed.G.offload.offloaded_bytes > 0  # offloaded again after the resume and each step
+    assert _losses(_metrics(tmp_path / "split")) == _losses(_metrics(tmp_path / "plain"))
+    for a, b in zip(plain.G.params, resumed.G.params):
+        assert torch.equal(a, b)
+
+
+def test_bench_counts_freed_storage_as_nothing():
+    """The benchmark's per-GPU state size leaves out offloaded (freed) state tensors."""
+    from senseflow.bench import _tensor_bytes
+
+    t = torch.zeros(10)
+    assert _tensor_bytes(t) == 40
+    t.untyped_storage().resize_(0)
+    assert _tensor_bytes(t) == 0
