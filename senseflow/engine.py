@@ -106,12 +106,26 @@ def _tuplify(x):
 
 
 def _adamw8bit(params, kwargs) -> torch.optim.Optimizer:
-    """torchao's 8-bit AdamW (block-wise quantised states; works with FSDP2 DTensor parameters)."""
+    """torchao's 8-bit AdamW (block-wise quantised states; works with FSDP2 DTensor parameters).
+
+    The states always show the dtype float32, whatever the weights' dtype. torchao gives them the
+    parameter's dtype as an "appearance" dtype, but its ``view`` returns float32, so the local tensor of
+    a bf16 parameter's DTensor state (``DTensor.from_local`` takes a view) is a float32 view of a bf16
+    base. On torch 2.11 the compiled update then failed with bf16 weights (FLUX's ``precision.master``);
+    the appearance dtype changes nothing in the update, which dequantises to float32 either way.
+    """
     try:
         from torchao.optim import AdamW8bit
+        from torchao.optim.subclass_8bit import OptimState8bit
     except ImportError:
         raise ConfigError("optimizer.name: adamw8bit needs torchao (pip install torchao)") from None
-    return AdamW8bit(params, **kwargs)
+
+    class _AdamW8bit(AdamW8bit):
+        @staticmethod
+        def _subclass_zeros(p: torch.Tensor, signed: bool, block_size: int):
+            return OptimState8bit.zeros(p.shape, signed, block_size, p.device, dtype=torch.float32)
+
+    return _AdamW8bit(params, **kwargs)
 
 
 def warmup_constant(lr_start: float, lr_max: float, warm_up: int):
