@@ -52,14 +52,16 @@ class ModelConfig:
     shard_text_encoders: bool = False
     """Shard the frozen text encoders over the ranks with FSDP2 (per layer) instead of keeping a full copy
     on every GPU: T5-XXL in bf16 (SD3.5, FLUX) is 9.1 GiB per GPU replicated, 9.1/N sharded, at the cost of
-    all-gathering its layers at every prompt encoding. Same outputs; the memory and time effect is
-    predicted, not yet measured on GPUs (``benchmarks/NOTES.md``). No effect in a single process."""
+    all-gathering its layers at every prompt encoding: on 2 x H200 (SD3.5 Medium, with 8-bit AdamW) prompt
+    encoding went from 43 to 168 ms per iteration, and the memory saved matched the prediction
+    (``benchmarks/NOTES.md``). Same outputs. No effect in a single process."""
     shard_discriminator: bool = False
     """Shard the VFM discriminator's trainable heads over the ranks with FSDP2 (per head, fp32) instead of
     replicating them on every GPU: their fp32 weights, gradients and AdamW states take 16 bytes per
     parameter (11.5 GiB for the 0.77 B parameters of the full-size heads), of which sharding saves
-    (1 − 1/N)·16 bytes per parameter on each of N GPUs; the gradient all-reduce becomes a reduce-scatter,
-    at the cost of all-gathering each head's weights in every discriminator forward and backward. Same
+    (1 − 1/N)·16 bytes per parameter on each of N GPUs. The gradient all-reduce becomes a reduce-scatter,
+    but each head's weights are all-gathered in every discriminator forward and backward (three passes
+    per generator iteration, two otherwise): about 3-4x the bytes of the all-reduce it replaces. Same
     losses and updates; the frozen DINOv2 and CLIP stay replicated. The memory and time effect is
     predicted, not yet measured on GPUs. No effect in a single process."""
     gradient_checkpointing: bool = True
