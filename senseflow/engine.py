@@ -43,7 +43,7 @@ from .data.json_dataset import InfiniteLoader
 from .discriminator import VFMDiscriminator
 from .discriminator.diffaug import diff_augment
 from .distributed import DistInfo, all_reduce_grads_, broadcast_tensors_
-from .errors import ConfigError, SenseFlowError
+from .errors import SenseFlowError
 from .losses.decoupled import decoupled_dmd_loss
 from .losses.dm import distribution_matching_loss
 from .losses.fake_score import fake_score_loss
@@ -52,6 +52,7 @@ from .losses.ida import implicit_distribution_alignment_
 from .losses.isg import intra_segment_guidance_loss, sdxl_legacy_isg_loss
 from .metrics import MetricsSink, image_grid
 from .offload import StateOffload
+from .optim import adamw8bit
 from .parallel import DTYPE, full_state_dict, reshard, shard
 from .profiling import PhaseTimer
 from .sampling import sample_x0
@@ -103,29 +104,6 @@ def _numpy_state_to_torch(state):
 
 def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, list | tuple) else x
-
-
-def _adamw8bit(params, kwargs) -> torch.optim.Optimizer:
-    """torchao's 8-bit AdamW (block-wise quantised states; works with FSDP2 DTensor parameters).
-
-    The states always show the dtype float32, whatever the weights' dtype. torchao gives them the
-    parameter's dtype as an "appearance" dtype, but its ``view`` returns float32, so the local tensor of
-    a bf16 parameter's DTensor state (``DTensor.from_local`` takes a view) is a float32 view of a bf16
-    base. On torch 2.11 the compiled update then failed with bf16 weights (FLUX's ``precision.master``);
-    the appearance dtype changes nothing in the update, which dequantises to float32 either way.
-    """
-    try:
-        from torchao.optim import AdamW8bit
-        from torchao.optim.subclass_8bit import OptimState8bit
-    except ImportError:
-        raise ConfigError("optimizer.name: adamw8bit needs torchao (pip install torchao)") from None
-
-    class _AdamW8bit(AdamW8bit):
-        @staticmethod
-        def _subclass_zeros(p: torch.Tensor, signed: bool, block_size: int):
-            return OptimState8bit.zeros(p.shape, signed, block_size, p.device, dtype=torch.float32)
-
-    return _AdamW8bit(params, **kwargs)
 
 
 def warmup_constant(lr_start: float, lr_max: float, warm_up: int):
@@ -278,7 +256,7 @@ class Engine:
         o, s = self.cfg.optimizer, self.cfg.lr_scheduler
         kwargs = {"lr": s.lr_max, "betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
         if o.name == "adamw8bit":
-            opt = _adamw8bit(params, kwargs)
+            opt = adamw8bit(params, kwargs)
         else:
             opt = torch.optim.AdamW(params, fused=self.device.type == "cuda", **kwargs)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(s.lr_start, s.lr_max, s.warm_up_steps))

@@ -93,10 +93,10 @@ def test_shipped_guidance_free_config_matches_flux_dev():
 def test_adamw8bit_steps(tiny_cache):
     """The 8-bit optimizer option (R2, R3) builds and steps (torchao; compiled kernels on CPU)."""
     pytest.importorskip("torchao")
-    from senseflow.engine import _adamw8bit
+    from senseflow.optim import adamw8bit
 
     lin = torch.nn.Linear(256, 256)
-    opt = _adamw8bit(
+    opt = adamw8bit(
         list(lin.parameters()), {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
     )
     before = lin.weight.detach().clone()
@@ -111,13 +111,14 @@ def test_first_8bit_step_is_announced(caplog):
     import logging
     from types import SimpleNamespace
 
-    from senseflow.engine import Engine, Trainee, _adamw8bit
+    from senseflow.engine import Engine, Trainee
+    from senseflow.optim import adamw8bit
 
     lin = torch.nn.Linear(256, 256)
     params = list(lin.parameters())
     kwargs = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
     for name, opt in (
-        ("adamw8bit", _adamw8bit(params, kwargs)),
+        ("adamw8bit", adamw8bit(params, kwargs)),
         ("adamw", torch.optim.AdamW(params, **kwargs)),
     ):
         engine = SimpleNamespace(cfg=SimpleNamespace(optimizer=SimpleNamespace(name=name)))
@@ -163,29 +164,3 @@ def test_failed_first_8bit_step_names_the_fix(master):
         "unimplemented aten.view" in msg and f"for {master} weights" in msg and "optimizer.name=adamw" in msg
     )
     assert ("precision.master=fp32" in msg) == (master == "bf16") and not trainee.stepped
-
-
-def test_adamw8bit_states_look_fp32_for_bf16_weights():
-    """8-bit states of bf16 weights show dtype float32, as their views do (torch 2.11 failed to compile
-    the update on a bf16 state whose DTensor local view was float32), and the updates are those of
-    torchao's stock AdamW8bit."""
-    pytest.importorskip("torchao")
-    from torchao.optim import AdamW8bit
-
-    from senseflow.engine import _adamw8bit
-
-    torch.manual_seed(0)
-    ours, stock = (torch.nn.Linear(256, 256).to(torch.bfloat16) for _ in range(2))
-    stock.load_state_dict(ours.state_dict())
-    kwargs = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
-    opts = [_adamw8bit(list(ours.parameters()), kwargs), AdamW8bit(list(stock.parameters()), **kwargs)]
-    for k in range(3):
-        x = torch.randn(4, 256, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
-        for model, opt in zip((ours, stock), opts):
-            model(x).float().pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
-        assert torch.equal(ours.weight, stock.weight), k
-    state = opts[0].state[ours.weight]["exp_avg"]
-    assert state.dtype == torch.float32 and opts[1].state[stock.weight]["exp_avg"].dtype == torch.bfloat16
-    assert state.view(-1).dtype == torch.float32  # a view keeps the dtype of its base
