@@ -31,13 +31,32 @@ def _losses(record: dict) -> dict[str, float]:
     return {k: v for k, v in record.items() if k.startswith(("loss/", "grad_norm/", "dm/"))}
 
 
+# every memory option at once (sharded text encoders and discriminator heads, generator states offloaded)
+LEAN = (
+    "model.shard_text_encoders=true",
+    "model.shard_discriminator=true",
+    "optimizer.offload_generator_state=true",
+)
 RECIPES = [
-    ("exp_sd35/train_SD35_senseflow.sh", "configs/tiny/sd35_senseflow_tiny.yaml"),
-    ("exp_sd35/train_SD35_large_senseflow.sh", "configs/tiny/sd35_large_senseflow_tiny.yaml"),
-    ("exp_sd35/train_SD35_senseflow_decoupled.sh", "configs/tiny/sd35_senseflow_decoupled_tiny.yaml"),
-    ("exp_flux/train_flux_senseflow.sh", "configs/tiny/flux_senseflow_tiny.yaml"),
-    ("exp_sdxl/train_sdxl_senseflow.sh", "configs/tiny/sdxl_senseflow_tiny.yaml"),
-    ("exp_sdxl/train_sdxl_dmd2.sh", "configs/tiny/sdxl_dmd2_tiny.yaml"),
+    pytest.param("exp_sd35/train_SD35_senseflow.sh", "configs/tiny/sd35_senseflow_tiny.yaml", (), id="sd35"),
+    pytest.param(
+        "exp_sd35/train_SD35_senseflow.sh", "configs/tiny/sd35_senseflow_tiny.yaml", LEAN, id="sd35_lean"
+    ),
+    pytest.param(
+        "exp_sd35/train_SD35_large_senseflow.sh",
+        "configs/tiny/sd35_large_senseflow_tiny.yaml",
+        (),
+        id="sd35_large",
+    ),
+    pytest.param(
+        "exp_sd35/train_SD35_senseflow_decoupled.sh",
+        "configs/tiny/sd35_senseflow_decoupled_tiny.yaml",
+        (),
+        id="decoupled",
+    ),
+    pytest.param("exp_flux/train_flux_senseflow.sh", "configs/tiny/flux_senseflow_tiny.yaml", (), id="flux"),
+    pytest.param("exp_sdxl/train_sdxl_senseflow.sh", "configs/tiny/sdxl_senseflow_tiny.yaml", (), id="sdxl"),
+    pytest.param("exp_sdxl/train_sdxl_dmd2.sh", "configs/tiny/sdxl_dmd2_tiny.yaml", (), id="sdxl_dmd2"),
 ]
 # which losses each recipe logs on a generator iteration
 LOSSES = {
@@ -54,18 +73,22 @@ LOSSES = {
 DEFAULT_LOSSES = ("loss/dm", "loss/isg", "loss/gan", "loss/fake", "loss/disc_real", "loss/disc_fake")
 
 
-@pytest.mark.parametrize("launcher, config", RECIPES, ids=lambda v: Path(v).stem)
-def test_two_process_run_resumes_exactly(tiny_cache, tmp_path, launcher, config):
+@pytest.mark.parametrize("launcher, config, extra", RECIPES)
+def test_two_process_run_resumes_exactly(tiny_cache, tmp_path, launcher, config, extra):
     """Stop after 6 iterations, rerun to 9: same losses and weights as an uninterrupted 9-iteration run."""
     full, split = tmp_path / "full", tmp_path / "split"
-    r = launch(launcher, 1, 2, config, full, *FAST, "train.iter_num=9", cache=tiny_cache)
+    fast = (*FAST, *extra)
+    r = launch(launcher, 1, 2, config, full, *fast, "train.iter_num=9", cache=tiny_cache)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = launch(launcher, 1, 2, config, split, *FAST, "train.iter_num=6", cache=tiny_cache)
+    r = launch(launcher, 1, 2, config, split, *fast, "train.iter_num=6", cache=tiny_cache)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (split / "checkpoints" / "latest").read_text() == "step_00000006"
-    r = launch(launcher, 1, 2, config, split, *FAST, "train.iter_num=9", cache=tiny_cache)
+    r = launch(launcher, 1, 2, config, split, *fast, "train.iter_num=9", cache=tiny_cache)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr and "at iteration 6" in r.stderr
+    if extra:  # each option took effect (rank 0 logs)
+        for line in ("text encoders sharded", "discriminator heads sharded", "generator optimiser states"):
+            assert line in r.stderr, line
 
     a, b = _metrics(full), _metrics(split)
     assert sorted(a) == sorted(b) == [3, 6, 9]
