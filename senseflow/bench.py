@@ -660,11 +660,32 @@ def load_results(paths: list[str]) -> list[dict[str, Any]]:
     return out
 
 
+# overrides that do not change what a run holds in memory (bookkeeping, data and weight sources; the
+# resolution and batch size are part of the plan key on their own)
+MEMORY_NEUTRAL = (
+    "checkpoint.",
+    "log.",
+    "paths.",
+    "data.format",
+    "model.random_init",
+    "train.image_interval",
+    "train.log_interval",
+    "train.iter_num",
+    "train.seed",
+    "train.resolution",
+    "train.batch_size",
+)
+
+
 def plan_key(r: dict[str, Any]) -> str:
-    """Results of one setup (recipe, tiny or not, resolution, batch per GPU) are fitted together."""
+    """Results of one setup (recipe, tiny or not, resolution, batch per GPU, and any override that may
+    change memory, e.g. ``optimizer.name=adamw8bit``) are fitted together."""
     key = r["recipe"] + (" (tiny)" if r.get("tiny") else "")
     if r["resolution"] != 1024 or r["batch_size_per_gpu"] != 1:
         key += f" {r['resolution']}px x{r['batch_size_per_gpu']}"
+    settings = sorted(o for o in r.get("overrides", []) if not o.startswith(MEMORY_NEUTRAL))
+    if settings:
+        key += f" [{', '.join(settings)}]"
     return key
 
 

@@ -132,7 +132,10 @@ def test_plan_shipped_results(tiny_cache):
     shipped = {json.loads(p.read_text())["recipe"] for p in (REPO / "benchmarks" / "results").glob("*.json")}
     assert {"sd35_medium", "sd35_large", "sdxl", "sdxl_dmd2"} <= shipped
     rows = {row[0]: row for row in table_rows(r.stdout, tuple(_plan_header(r.stdout)))}
-    assert set(rows) == shipped
+    assert {name.split(" [")[0] for name in rows} == shipped
+    # runs with memory-changing overrides get rows of their own, out of the default's fit
+    lean = "sd35_medium [model.shard_text_encoders=true, optimizer.name=adamw8bit]"
+    assert rows[lean][1] == "2: 42.3" and "42.3" not in rows["sd35_medium"][1]
     for row in rows.values():
         for cell in row[-2:]:  # 80 GiB and 141 GiB
             assert re.fullmatch(rf"\d+ \({NUM}\)", cell), row
