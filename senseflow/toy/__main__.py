@@ -41,6 +41,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "a changed preset needs a new --out",
     )
     p.add_argument(
+        "--distill-lr",
+        type=float,
+        default=None,
+        help="learning rate of every variant's generator, fake score and discriminator heads instead of the "
+        "preset's; a changed preset needs a new --out",
+    )
+    p.add_argument(
+        "--reuse",
+        default=None,
+        help="a finished run's --out: copy its stages before distillation (data, teacher, evaluation "
+        "networks, teacher baselines) when its preset differs at most in the distillation settings "
+        "(for sweeps of --distill-iters / --distill-lr)",
+    )
+    p.add_argument(
         "--jobs",
         type=int,
         default=None,
@@ -70,13 +84,18 @@ def main(argv: list[str] | None = None) -> int:
             preset = dataclasses.replace(
                 preset, distill_iters=args.distill_iters, save_interval=args.distill_iters // 4
             )
+        if args.distill_lr is not None:
+            if not args.distill_lr > 0:
+                raise SenseFlowError("--distill-lr: must be positive")
+            preset = dataclasses.replace(preset, distill_lr=args.distill_lr)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise SenseFlowError("--device: cuda requested but no CUDA device is visible")
         from .pipeline import run
 
         logger.info("toy benchmark: preset %s on %s into %s", preset.name, device, out.resolve())
         jobs = args.jobs or (4 if device.type == "cuda" else 1)
-        report = run(out, preset, device, command.strip(), jobs=jobs)
+        reuse = Path(args.reuse) if args.reuse else None
+        report = run(out, preset, device, command.strip(), jobs=jobs, reuse=reuse)
     except SenseFlowError as err:
         logger.error("%s", err)
         return 2

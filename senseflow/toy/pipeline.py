@@ -274,16 +274,61 @@ def run_variants_parallel(
 
 # --- the whole run --------------------------------------------------------------------------------------
 
+SHARED_STAGES = ("data", "backbones", "vae", "teacher", "featnet", "classifiers")
 
-def run(out: Path, preset: Preset, device: torch.device, command: str = "", jobs: int = 1) -> dict:
+
+def reuse_stages(src: Path, out: Path, preset: Preset) -> list[str]:
+    """Copy the finished stages that do not depend on distillation (data, teacher, evaluation networks,
+    the teacher baselines' evaluations) from the run in ``src`` into ``out``; returns their names.
+
+    ``src`` must have run a preset equal to ``preset`` in every field before distillation (it may differ
+    in ``DISTILL_FIELDS``: iterations, batch, learning rate, ...). Stages already in ``out`` stay.
+    """
+    from ..errors import ConfigError
+    from .presets import DISTILL_FIELDS
+
+    src = src.resolve()
+    path = src / "preset.json"
+    if not path.is_file():
+        raise ConfigError(f"--reuse: {src} holds no toy run (no preset.json)")
+    theirs = {k: v for k, v in json.loads(path.read_text()).items() if k not in DISTILL_FIELDS}
+    ours = json.loads(json.dumps(preset.without_distillation()))
+    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if differ:
+        raise ConfigError(
+            f"--reuse: {src} ran other settings before distillation ({', '.join(differ)}); only "
+            f"{', '.join(DISTILL_FIELDS)} may differ"
+        )
+    names = [*SHARED_STAGES, *(f"eval/{m}" for m in methods(preset) if m not in VARIANTS)]
+    copied = []
+    for name in names:
+        if read_done(src / name) is not None and read_done(out / name) is None:
+            shutil.rmtree(out / name, ignore_errors=True)  # an unfinished attempt
+            shutil.copytree(src / name, out / name)
+            copied.append(name)
+    logger.info("reused from %s: %s", src, ", ".join(copied) or "nothing (already here)")
+    return copied
+
+
+def run(
+    out: Path,
+    preset: Preset,
+    device: torch.device,
+    command: str = "",
+    jobs: int = 1,
+    reuse: Path | None = None,
+) -> dict:
     """Run (or skip) every stage into ``out`` and return the report; ``jobs`` > 1 trains that many
     distillation variants at once in separate processes (on one GPU: these models are far too small to
-    fill it, so the variants run side by side in about the time of one)."""
+    fill it, so the variants run side by side in about the time of one). ``reuse``: a finished run whose
+    stages before distillation are copied (:func:`reuse_stages`)."""
     from .report import write_report
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     check_preset(out, preset.to_dict())
+    if reuse is not None:
+        reuse_stages(reuse, out, preset)
     stages = Stages(out)
     t_start = time.time()
     stages.run("data", lambda d: stage_data(d, preset))

@@ -17,6 +17,10 @@ TEXT_WIDTHS = (32, 32, 64)
 """Hidden widths of the random-but-fixed CLIP-L, CLIP-G and T5 encoders (joint attention width = T5's)."""
 
 
+# fields that only the distillation stages (and what follows them) depend on
+DISTILL_FIELDS = ("distill_iters", "distill_batch", "save_interval", "distill_lr", "distill_warmup")
+
+
 @dataclass(frozen=True)
 class Preset:
     """Every size and step count of one run of the benchmark."""
@@ -63,6 +67,10 @@ class Preset:
     """CFG scale of the teacher baselines: the mean of the recipe's DM guidance range U(2, 8)."""
     grid_prompts: int = 16
     seed: int = 0
+
+    def without_distillation(self) -> dict:
+        """The fields that every stage before distillation depends on (see ``--reuse``)."""
+        return {k: v for k, v in self.to_dict().items() if k not in DISTILL_FIELDS}
 
     @property
     def params_label(self) -> str:
