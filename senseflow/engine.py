@@ -327,7 +327,7 @@ class Engine:
         try:
             t.opt.step()
         except Exception as e:  # torch.compile of torchao's update: errors depend on torch/torchao versions
-            last = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             master = self.cfg.precision.master
             hint = (
                 "set precision.master=fp32 (8-bit states with fp32 weights) or optimizer.name=adamw"
@@ -336,7 +336,7 @@ class Engine:
             )
             raise SenseFlowError(
                 f"optimizer.name=adamw8bit: torchao {importlib.metadata.version('torchao')} could not compile its 8-bit AdamW "
-                f"update for {master} weights with torch {torch.__version__} ({type(e).__name__}: {last}); "
+                f"update for {master} weights with torch {torch.__version__} ({type(e).__name__}: {first}); "
                 f"{hint}"
             ) from e
         t.stepped = True
