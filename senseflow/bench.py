@@ -53,6 +53,7 @@ import torch.distributed as dist
 
 from .errors import ConfigError, SenseFlowError
 from .output import emit
+from .parallel import local_tensor
 
 logger = logging.getLogger("senseflow.bench")
 
@@ -228,8 +229,7 @@ def _gather(obj: Any) -> list[Any]:
 def _tensor_bytes(t: torch.Tensor) -> int:
     """Bytes this rank stores for ``t`` on its device (the local shard of a DTensor; inner tensors of a
     subclass; nothing for a tensor whose storage is freed)."""
-    if hasattr(t, "to_local"):
-        t = t.to_local()
+    t = local_tensor(t)
     if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
         names, _ = t.__tensor_flatten__()
         return sum(_tensor_bytes(getattr(t, n)) for n in names)

@@ -53,7 +53,7 @@ from .losses.isg import intra_segment_guidance_loss, sdxl_legacy_isg_loss
 from .metrics import MetricsSink, image_grid
 from .offload import StateOffload
 from .optim import adamw8bit
-from .parallel import DTYPE, full_state_dict, reshard, shard
+from .parallel import DTYPE, full_state_dict, local_tensor, reshard, shard
 from .profiling import PhaseTimer
 from .sampling import sample_x0
 from .schedules import sample_table_index
@@ -237,7 +237,7 @@ class Engine:
                 "discriminator heads sharded over %d ranks (FSDP2 per head): %.2f of %.2f M parameters "
                 "on this rank",
                 self.info.world_size,
-                sum(p.to_local().numel() for p in heads.parameters()) / 1e6,
+                sum(local_tensor(p).numel() for p in heads.parameters()) / 1e6,
                 sum(p.numel() for p in heads.parameters()) / 1e6,
             )
         return disc, self._trainee(heads, list(disc.trainable_parameters()))
@@ -316,7 +316,7 @@ class Engine:
             t.opt.step()
             t.stepped = True
             return
-        shapes = {tuple(getattr(p, "_local_tensor", p).shape) for p in t.params}
+        shapes = {tuple(local_tensor(p).shape) for p in t.params}
         logger.info(
             "first %s optimiser step: torchao compiles its 8-bit AdamW update for each of %d parameter "
             "shapes (once per process; can take minutes at full size)",
@@ -571,10 +571,10 @@ class Engine:
             metrics["grad_norm/gen"] = self._step(self.G, [loss], "gen")
         if self.disc is not None and not self.cfg.compat.d_grad_leak:
             self.disc.heads.requires_grad_(True)
-            if self.shard_disc:
-                # FSDP2 carries requires_grad over to the gathered parameters at each unshard in the
-                # torch versions checked; should one not, a gradient reaching the heads is dropped here
-                self.D.opt.zero_grad(set_to_none=True)
+            # Nothing to drop when the heads were frozen. Sharded heads: FSDP2 carries requires_grad over
+            # to the gathered parameters at each unshard in the torch versions checked; should one not,
+            # a gradient that reached them is dropped here.
+            self.D.opt.zero_grad(set_to_none=True)
         self.F.opt.zero_grad(set_to_none=True)
         if d.ida.enabled:
             with phase("ida"):

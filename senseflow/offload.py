@@ -18,12 +18,9 @@ import logging
 
 import torch
 
+from .parallel import local_tensor
+
 logger = logging.getLogger(__name__)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The rank-local tensor of a DTensor, the tensor itself otherwise."""
-    return t._local_tensor if hasattr(t, "_local_tensor") else t
 
 
 def _offloadable(t: torch.Tensor) -> bool:
@@ -58,14 +55,16 @@ class StateOffload:
         params = (p for group in self.opt.param_groups for p in group["params"])
         for i, p in enumerate(params):
             for key, value in self.opt.state.get(p, {}).items():
-                if isinstance(value, torch.Tensor) and _offloadable(_local(value)):
-                    yield (i, key), _local(value)
+                local = local_tensor(value) if isinstance(value, torch.Tensor) else None
+                if local is not None and _offloadable(local):
+                    yield (i, key), local
 
     @property
     def offloaded_bytes(self) -> int:
         """Device bytes currently held on the host."""
         return sum(t.numel() * t.element_size() for t, _ in self._away)
 
+    @torch.no_grad()
     def offload(self) -> None:
         """Copy every state tensor to its host buffer and free its device storage."""
         if self._away:
@@ -86,6 +85,7 @@ class StateOffload:
                 self.offloaded_bytes / 2**30,
             )
 
+    @torch.no_grad()
     def load(self) -> None:
         """Give the offloaded tensors their device storage back and copy their values in."""
         for t, host in self._away:

@@ -38,6 +38,12 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a v
 DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local shard of a DTensor (FSDP2 parameter, gradient or optimiser state), or the tensor
+    itself. Under ``no_grad`` this is the DTensor's own local tensor (same storage, same object)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def mixed_precision_policy(compute: str) -> MixedPrecisionPolicy | None:
     """bf16/fp16 compute with fp32 gradient reduction; ``None`` for full fp32."""
     if compute == "fp32":

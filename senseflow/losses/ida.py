@@ -12,10 +12,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2 parameter), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
+from ..parallel import local_tensor
 
 
 @torch.no_grad()
@@ -41,7 +38,7 @@ def implicit_distribution_alignment_(fake: nn.Module, generator: nn.Module, lam:
             raise KeyError(f"IDA: fake-score parameter {name!r} has no generator counterpart")
         theta = gen_params[name]
         assert getattr(phi, "placements", None) == getattr(theta, "placements", None), name
-        phi_l, theta_l = _local(phi), _local(theta)
+        phi_l, theta_l = local_tensor(phi), local_tensor(theta)
         assert phi_l.shape == theta_l.shape, (name, phi_l.shape, theta_l.shape)
         fakes.append(phi_l)
         gens.append(theta_l.to(phi_l.dtype))

@@ -291,8 +291,12 @@ def reuse_stages(src: Path, out: Path, preset: Preset) -> list[str]:
     path = src / "preset.json"
     if not path.is_file():
         raise ConfigError(f"--reuse: {src} holds no toy run (no preset.json)")
-    theirs = {k: v for k, v in json.loads(path.read_text()).items() if k not in DISTILL_FIELDS}
-    ours = json.loads(json.dumps(preset.without_distillation()))
+
+    def before_distillation(fields: dict) -> dict:
+        return {k: v for k, v in fields.items() if k not in DISTILL_FIELDS}
+
+    theirs = before_distillation(json.loads(path.read_text()))
+    ours = before_distillation(json.loads(json.dumps(preset.to_dict())))  # tuples as JSON lists
     differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
     if differ:
         raise ConfigError(

@@ -68,10 +68,6 @@ class Preset:
     grid_prompts: int = 16
     seed: int = 0
 
-    def without_distillation(self) -> dict:
-        """The fields that every stage before distillation depends on (see ``--reuse``)."""
-        return {k: v for k, v in self.to_dict().items() if k not in DISTILL_FIELDS}
-
     @property
     def params_label(self) -> str:
         """Transformer size, for the report."""
