@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import datetime
 import glob
+import gzip
 import json
 import logging
 import math
@@ -171,6 +172,7 @@ TABLE_COLUMNS = (
     "MFU",
 )
 PHASE_COLUMNS = ("phase", "ms/gen iter", "ms/other iter", "share")
+PROFILE_COLUMNS = ("iteration/phase", "wall ms", "kernel ms", "kernel/wall")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,9 +336,76 @@ def count_flops(engine, ks: list[int], batches: list[dict], rng_state: dict) -> 
     return out
 
 
-def run_benchmark(engine, warmup: int, iters: int, flops: bool = True) -> dict[str, Any]:
-    """Warm-up, the timed window and the FLOP count (collective: every rank calls it); rank-local results
-    plus the gathered per-rank memory and FLOPs."""
+def profile_iterations(engine, ks: list[int], batches: list[dict], out_dir: Path) -> dict[str, Any]:
+    """Run iterations ``ks`` under ``torch.profiler`` (collective) and write this rank's results to ``out_dir``.
+
+    Files: ``trace_rank<r>.json.gz`` (Chrome / Perfetto trace; every phase is a range named
+    ``<generator|other>/<phase>``), ``ops_rank<r>.txt`` (operators by self device time, by CPU time on a
+    CPU run) and ``phases_rank<r>.txt``. Returns per iteration kind and phase its wall time (CUDA events,
+    inflated by the profiler's overhead), the summed time of the kernels it launched, and their ratio: a
+    phase whose kernels fill a small part of its wall time waits on the host (launches, Python,
+    synchronisation), not on the GPU.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    device, timer, period = engine.device, engine.timer, engine.d.generator_period
+    cuda = device.type == "cuda"
+    kinds = ["generator" if k % period == 0 else "other" for k in ks]
+    original = timer.phase
+    current = {"kind": kinds[0]}
+
+    @contextlib.contextmanager
+    def phase(name):
+        with record_function(f"{current['kind']}/{name}"), original(name):
+            yield
+
+    timer.collect()
+    walls: dict[str, float] = {}
+    timer.phase = phase  # instance attribute shadows the method while profiling
+    try:
+        with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+            for k, kind, batch in zip(ks, kinds, batches):
+                current["kind"] = kind
+                engine.run_iteration(k, batch)
+                _sync(device)
+                walls.update({f"{kind}/{name}": sec for name, sec in timer.collect().items()})
+    finally:
+        del timer.phase
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trace = out_dir / f"trace_rank{rank}.json"
+    prof.export_chrome_trace(str(trace))
+    with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    trace.unlink()
+    events = prof.key_averages()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    (out_dir / f"ops_rank{rank}.txt").write_text(
+        events.table(sort_by=sort, row_limit=80, max_name_column_width=90) + "\n"
+    )
+    kernel_ms = {e.key: getattr(e, "device_time_total", 0) / 1000 for e in events if e.key in walls}
+    phases = {}
+    for key, wall in walls.items():
+        kernels = kernel_ms.get(key, 0.0) if cuda else None
+        share = kernels / (1000 * wall) if cuda and wall else None
+        phases[key] = {"wall_ms": 1000 * wall, "kernel_ms": kernels, "kernel_share": share}
+    rows = [
+        [key, _fmt(p["wall_ms"]), _fmt(p["kernel_ms"]), _fmt(p["kernel_share"], ".0%")]
+        for key, p in phases.items()
+    ]
+    head = f"iterations {ks} ({', '.join(kinds)}), rank {rank}"
+    text = _table(PROFILE_COLUMNS, rows)
+    (out_dir / f"phases_rank{rank}.txt").write_text(f"{head}\n\n{text}\n")
+    logger.info("profile of %s written to %s", head, out_dir)
+    return {"iterations": ks, "dir": str(out_dir), "phases": phases}
+
+
+def run_benchmark(
+    engine, warmup: int, iters: int, flops: bool = True, profile_dir: Path | None = None
+) -> dict[str, Any]:
+    """Warm-up, the timed window, the optional profile of one other and one generator iteration after it,
+    and the FLOP count (collective: every rank calls it); rank-local results plus the gathered per-rank
+    memory and FLOPs."""
     device, period = engine.device, engine.d.generator_period
     measured = math.ceil(iters / period) * period
     k0 = max(1, period - warmup + 1)  # the warm-up ends with the generator iteration k = P
@@ -379,6 +448,11 @@ def run_benchmark(engine, warmup: int, iters: int, flops: bool = True) -> dict[s
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     memory["host_max_rss_gib_per_process"] = _gather(rss / (GIB if sys.platform == "darwin" else 2**20))
 
+    profiled = None
+    if profile_dir is not None:  # after the window, outside its memory peak and timings
+        ks = [window_ks[-1] + 1, window_ks[-1] + period]
+        profiled = profile_iterations(engine, ks, [next(loader) for _ in ks], profile_dir)
+
     flop_records = None
     if flops:
         t0 = time.perf_counter()
@@ -390,6 +464,7 @@ def run_benchmark(engine, warmup: int, iters: int, flops: bool = True) -> dict[s
         "records": records,
         "memory": memory,
         "flops": flop_records,
+        "profile": profiled,
     }
 
 
@@ -515,6 +590,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "phases": phases,
         "memory": memory,
     }
+    if raw.get("profile"):
+        out["profile"] = raw["profile"]
     if raw["flops"] is not None:
         out["flops"] = summarize_flops(raw["flops"])
     return out
@@ -631,6 +708,18 @@ def format_result(r: dict[str, Any]) -> str:
             )
         lines += ["", _table(PHASE_COLUMNS, rows)]
         lines.append("ms: mean per iteration of each kind (rank 0); share: of the measured window's time.")
+    if r.get("profile"):
+        prof = r["profile"]
+        rows = [
+            [key, _fmt(p["wall_ms"], ".1f"), _fmt(p["kernel_ms"], ".1f"), _fmt(p["kernel_share"], ".0%")]
+            for key, p in prof["phases"].items()
+        ]
+        lines += ["", _table(PROFILE_COLUMNS, rows)]
+        lines.append(
+            f"profile (rank 0, iterations {prof['iterations']} after the window, under torch.profiler): wall "
+            "by CUDA events, kernel = summed time of the phase's kernels; traces and operator tables in "
+            f"{prof['dir']}."
+        )
     if r.get("source"):
         lines.append(f"source: {r['source']}")
     if r.get("note"):
@@ -831,6 +920,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--gpu-tflops", type=float, help="dense bf16 peak TFLOP/s of one GPU for MFU (H100/H200: 989)"
     )
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (and MFU)")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="after the window, profile one other and one generator iteration with torch.profiler: "
+        "traces, operator tables and GPU busy time per phase into DIR",
+    )
     p.add_argument("--plan", action="store_true", help="predict GPU counts per recipe from measured results")
     p.add_argument(
         "--memory-gib", type=float, nargs="+", default=[80.0, 141.0], help="GPU memory sizes to plan for"
@@ -873,6 +968,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any] | None:
     logger.info(
         "benchmark %s on %d process(es), %s; overrides %s", cfg.recipe, info.world_size, name, overrides
     )
+    profile_dir = Path(args.profile) if args.profile else None
+    if profile_dir is not None and profile_dir.exists() and not profile_dir.is_dir():
+        raise ConfigError(f"--profile: {profile_dir} exists and is not a directory")
     save_dir = Path(tempfile.mkdtemp(prefix="senseflow_bench_"))
     try:
         from .engine import Engine
@@ -880,7 +978,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any] | None:
         t0 = time.perf_counter()
         engine = Engine(cfg, info, save_dir)
         build_s = time.perf_counter() - t0
-        raw = run_benchmark(engine, args.warmup, args.iters, flops=not args.no_flops)
+        raw = run_benchmark(engine, args.warmup, args.iters, flops=not args.no_flops, profile_dir=profile_dir)
     finally:
         shutil.rmtree(save_dir, ignore_errors=True)
     if not info.is_main:

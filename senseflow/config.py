@@ -72,6 +72,11 @@ class ModelConfig:
     cuDNN backward hit an illegal memory access in FLUX.1-dev's joint attention at 1024 px (24 heads of
     dim 128, 4,608 tokens); flash attention, used instead, ran it. The SD3.5 and SDXL recipes ran with
     it. Inference keeps torch's default choice."""
+    cudnn_benchmark: bool = False
+    """Let cuDNN time its convolution algorithms on the first call of each shape and keep the fastest
+    (``torch.backends.cudnn.benchmark``). Training shapes are fixed (one resolution, one batch size), so
+    only the first iteration pays; the VAE and the discriminator heads are convolutions. Off: cuDNN's
+    heuristics choose, as in the original."""
 
 
 @dataclass

@@ -153,6 +153,8 @@ class Engine:
         self.compute_dtype = DTYPE[cfg.precision.compute]
         if self.device.type == "cuda" and not cfg.model.cudnn_attention:
             torch.backends.cuda.enable_cudnn_sdp(False)  # see model.cudnn_attention
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.model.cudnn_benchmark
 
         self._build_data()
         self.adapter = build_adapter(cfg, info)

@@ -3,6 +3,7 @@ phase printed with measured values, FLOPs from the counter, and the GPU-count pl
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import sys
@@ -13,6 +14,7 @@ import torch
 from senseflow.bench import (
     FLOPS_CONVENTION,
     PHASE_COLUMNS,
+    PROFILE_COLUMNS,
     RECIPES,
     TABLE_COLUMNS,
     UNATTRIBUTED,
@@ -119,9 +121,24 @@ def test_bench_sd35_tiny(tiny_cache, tmp_path):
 
 
 def test_bench_sdxl_dmd2_tiny(tiny_cache, tmp_path):
-    stdout, result, _ = bench(tiny_cache, tmp_path, "sdxl_dmd2")
+    prof = tmp_path / "profile"
+    stdout, result, _ = bench(tiny_cache, tmp_path, "sdxl_dmd2", "--profile", str(prof))
     phases = {"text_encode", "gen_forward", "dm", "classifier", "gen_backward_step", "fake_step"}
     check_run(stdout, result, phases, period=5)
+    # --profile: one other and one generator iteration after the window, each phase a named range
+    p = result["profile"]
+    assert p["iterations"] == [11, 15]  # the window ends with the generator iteration 10
+    assert {"other/fake_step", "generator/gen_backward_step", "generator/classifier"} <= set(p["phases"])
+    assert "other/gen_backward_step" not in p["phases"]
+    assert all(v["wall_ms"] > 0 and v["kernel_ms"] is None for v in p["phases"].values())  # no GPU
+    rows = {r[0]: r for r in table_rows(stdout, PROFILE_COLUMNS)}
+    assert set(rows) == set(p["phases"]) and re.fullmatch(NUM, rows["other/fake_step"][1])
+    with gzip.open(prof / "trace_rank0.json.gz", "rt") as f:
+        names = {e.get("name") for e in json.load(f)["traceEvents"]}
+    assert {"other/fake_step", "generator/dm", "aten::addmm"} <= names
+    ops = (prof / "ops_rank0.txt").read_text()
+    assert "Self CPU" in ops and "generator/fake_step" in ops
+    assert "kernel/wall" in (prof / "phases_rank0.txt").read_text()
     assert "disc_step" not in result["phases"] and "isg" not in result["phases"]  # no discriminator, no ISG
     assert result["flops"]["phases"]["classifier"]["model_per_generator_iter"] > 0
 
