@@ -172,7 +172,7 @@ TABLE_COLUMNS = (
     "MFU",
 )
 PHASE_COLUMNS = ("phase", "ms/gen iter", "ms/other iter", "share")
-PROFILE_COLUMNS = ("iteration/phase", "wall ms", "kernel ms", "kernel/wall")
+PROFILE_COLUMNS = ("iteration/phase", "wall ms", "host ms", "GPU busy ms", "busy/wall", "GPU ops", "ATen ops")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,15 +336,77 @@ def count_flops(engine, ks: list[int], batches: list[dict], rng_state: dict) -> 
     return out
 
 
+GPU_ACTIVITY = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def _union_ms(intervals: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """Milliseconds of ``[lo, hi]`` covered by the union of ``intervals`` (µs, sorted by start)."""
+    busy, end = 0.0, lo
+    for a, b in intervals:
+        if b <= end:
+            continue
+        if a >= hi:
+            break
+        a, b = max(a, end), min(b, hi)
+        if b > a:
+            busy += b - a
+            end = b
+    return busy / 1000
+
+
+def trace_phase_stats(events: list[dict], keys: list[str], top: int = 6) -> dict[str, dict[str, Any]]:
+    """Per phase range ``key`` of a Chrome trace from ``torch.profiler``: host time (the range on the CPU
+    side), GPU busy time (union of kernels, copies and memsets inside the range's GPU-side extent) and its
+    number of device activities, the number of ATen operators the host dispatched and the most frequent
+    of them. GPU fields are None without device activity (a CPU run)."""
+    import bisect
+
+    host: dict[str, tuple[float, float]] = {}
+    gpu: dict[str, list[float]] = {}
+    for e in events:
+        name, cat = e.get("name"), e.get("cat")
+        if name not in keys or "dur" not in e:
+            continue
+        if cat == "user_annotation":
+            host[name] = (e["ts"], e["ts"] + e["dur"])
+        elif cat == "gpu_user_annotation":  # one per stream the range used: take their extent
+            lo, hi = gpu.get(name, [math.inf, -math.inf])
+            gpu[name] = [min(lo, e["ts"]), max(hi, e["ts"] + e["dur"])]
+    device = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in GPU_ACTIVITY)
+    ops = sorted((e["ts"], e["name"]) for e in events if e.get("cat") == "cpu_op")
+    op_ts = [t for t, _ in ops]
+    stats = {}
+    for key in keys:
+        lo, hi = host.get(key, (0.0, 0.0))
+        names = [n for _, n in ops[bisect.bisect_left(op_ts, lo) : bisect.bisect_right(op_ts, hi)]]
+        aten = [n for n in names if n.startswith("aten::")]
+        common = defaultdict(int)
+        for n in aten:
+            common[n] += 1
+        entry: dict[str, Any] = {
+            "host_ms": (hi - lo) / 1000,
+            "aten_ops": len(aten),
+            "top_ops": sorted(common.items(), key=lambda kv: -kv[1])[:top],
+            "gpu_busy_ms": None,
+            "gpu_activities": None,
+        }
+        if key in gpu and device:
+            g_lo, g_hi = gpu[key]
+            entry["gpu_busy_ms"] = _union_ms(device, g_lo, g_hi)
+            entry["gpu_activities"] = sum(1 for a, b in device if a >= g_lo and b <= g_hi)
+        stats[key] = entry
+    return stats
+
+
 def profile_iterations(engine, ks: list[int], batches: list[dict], out_dir: Path) -> dict[str, Any]:
     """Run iterations ``ks`` under ``torch.profiler`` (collective) and write this rank's results to ``out_dir``.
 
     Files: ``trace_rank<r>.json.gz`` (Chrome / Perfetto trace; every phase is a range named
     ``<generator|other>/<phase>``), ``ops_rank<r>.txt`` (operators by self device time, by CPU time on a
     CPU run) and ``phases_rank<r>.txt``. Returns per iteration kind and phase its wall time (CUDA events,
-    inflated by the profiler's overhead), the summed time of the kernels it launched, and their ratio: a
-    phase whose kernels fill a small part of its wall time waits on the host (launches, Python,
-    synchronisation), not on the GPU.
+    inflated by the profiler's own host overhead), the host time spent issuing it, the GPU busy time
+    (:func:`trace_phase_stats`) and busy / wall: a phase whose GPU is busy for a small part of its wall
+    time waits on the host (launches, Python, synchronisation), not on the GPU.
     """
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -375,29 +437,63 @@ def profile_iterations(engine, ks: list[int], batches: list[dict], out_dir: Path
     out_dir.mkdir(parents=True, exist_ok=True)
     trace = out_dir / f"trace_rank{rank}.json"
     prof.export_chrome_trace(str(trace))
+    stats = trace_phase_stats(json.loads(trace.read_text())["traceEvents"], list(walls))
     with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
     trace.unlink()
-    events = prof.key_averages()
-    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-    (out_dir / f"ops_rank{rank}.txt").write_text(
-        events.table(sort_by=sort, row_limit=80, max_name_column_width=90) + "\n"
-    )
-    kernel_ms = {e.key: getattr(e, "device_time_total", 0) / 1000 for e in events if e.key in walls}
+    events = [e for e in prof.key_averages() if e.key not in walls]  # operators and kernels, not phases
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events.sort(key=lambda e: -getattr(e, attr, 0))
+    op_rows = [
+        [
+            e.key[:100],
+            str(e.count),
+            _fmt(getattr(e, attr, 0) / 1000, ".1f"),
+            _fmt(e.cpu_time_total / 1000, ".1f"),
+        ]
+        for e in events[:80]
+    ]
+    op_head = ("operator / kernel", "calls", f"self {'device' if cuda else 'CPU'} ms", "CPU total ms")
+    (out_dir / f"ops_rank{rank}.txt").write_text(_table(op_head, op_rows) + "\n")
     phases = {}
     for key, wall in walls.items():
-        kernels = kernel_ms.get(key, 0.0) if cuda else None
-        share = kernels / (1000 * wall) if cuda and wall else None
-        phases[key] = {"wall_ms": 1000 * wall, "kernel_ms": kernels, "kernel_share": share}
-    rows = [
-        [key, _fmt(p["wall_ms"]), _fmt(p["kernel_ms"]), _fmt(p["kernel_share"], ".0%")]
-        for key, p in phases.items()
-    ]
+        st = stats[key]
+        busy = st["gpu_busy_ms"]
+        phases[key] = {
+            "wall_ms": 1000 * wall,
+            "host_ms": st["host_ms"],
+            "gpu_busy_ms": busy,
+            "gpu_busy_share": busy / (1000 * wall) if busy is not None and wall else None,
+            "gpu_activities": st["gpu_activities"],
+            "aten_ops": st["aten_ops"],
+            "top_ops": st["top_ops"],
+        }
     head = f"iterations {ks} ({', '.join(kinds)}), rank {rank}"
-    text = _table(PROFILE_COLUMNS, rows)
-    (out_dir / f"phases_rank{rank}.txt").write_text(f"{head}\n\n{text}\n")
+    detail = "\n".join(
+        f"{key}: " + ", ".join(f"{n} x{c}" for n, c in p["top_ops"]) for key, p in phases.items()
+    )
+    text = _table(PROFILE_COLUMNS, profile_rows(phases))
+    (out_dir / f"phases_rank{rank}.txt").write_text(
+        f"{head}\n\n{text}\n\nmost frequent operators\n{detail}\n"
+    )
     logger.info("profile of %s written to %s", head, out_dir)
     return {"iterations": ks, "dir": str(out_dir), "phases": phases}
+
+
+def profile_rows(phases: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """Rows of :data:`PROFILE_COLUMNS`."""
+    return [
+        [
+            key,
+            _fmt(p["wall_ms"], ".1f"),
+            _fmt(p["host_ms"], ".1f"),
+            _fmt(p["gpu_busy_ms"], ".1f"),
+            _fmt(p["gpu_busy_share"], ".0%"),
+            _fmt(p["gpu_activities"]),
+            _fmt(p["aten_ops"]),
+        ]
+        for key, p in phases.items()
+    ]
 
 
 def run_benchmark(
@@ -710,15 +806,13 @@ def format_result(r: dict[str, Any]) -> str:
         lines.append("ms: mean per iteration of each kind (rank 0); share: of the measured window's time.")
     if r.get("profile"):
         prof = r["profile"]
-        rows = [
-            [key, _fmt(p["wall_ms"], ".1f"), _fmt(p["kernel_ms"], ".1f"), _fmt(p["kernel_share"], ".0%")]
-            for key, p in prof["phases"].items()
-        ]
+        rows = profile_rows(prof["phases"])
         lines += ["", _table(PROFILE_COLUMNS, rows)]
         lines.append(
-            f"profile (rank 0, iterations {prof['iterations']} after the window, under torch.profiler): wall "
-            "by CUDA events, kernel = summed time of the phase's kernels; traces and operator tables in "
-            f"{prof['dir']}."
+            f"profile (rank 0, iterations {prof['iterations']} after the window, under torch.profiler, whose "
+            "host overhead inflates wall and host times): wall by CUDA events; host = time the CPU spent "
+            "issuing the phase; GPU busy = union of its kernels, copies and memsets; GPU ops = their "
+            f"number; ATen ops = operators dispatched. Traces and operator tables in {prof['dir']}."
         )
     if r.get("source"):
         lines.append(f"source: {r['source']}")

@@ -41,6 +41,12 @@ class DiscriminatorConfig:
     """Recompute each DINOv2 block in backward (activation checkpointing, autocast-preserving; spec N6)."""
     resolution: int | None = None
     """Resize images to this square size before DINOv2; null feeds them at their own size (spec §8.2)."""
+    compile_heads: bool = False
+    """``torch.compile`` each head's two branches (spectral-norm convs, local batch norm, activations): one
+    compiled graph serves every branch of every head, with a few more for the generator's pass (frozen
+    heads) and gradient-free calls. The heads issue tens of thousands of small operators per
+    discriminator step, so eager execution is bound by the host, not the GPU. Costs compilation in the
+    first iterations; same arithmetic up to fused-kernel rounding."""
 
     def validate(self, prefix: str = "discriminator") -> None:
         """Raise :class:`ConfigError` naming the key when a value cannot work."""

@@ -17,21 +17,64 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm
 
 
-def sn_conv(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
+class SNConv2d(nn.Conv2d):
+    """Spectrally normalised conv (circular padding ``k//2``, with bias): the weight is divided by its
+    largest singular value, estimated by one power iteration per call in training mode (none in eval).
+
+    The arithmetic of ``torch.nn.utils.parametrizations.spectral_norm(conv, n_power_iterations=1,
+    eps=1e-12, dim=0)``: the same initialisation draws, 16 power iterations at construction (the 15 of
+    its ``__init__`` and the one of ``register_parametrization``'s check), the same ops in the same
+    order. Written out as one class because ``parametrize`` creates a new class per module, so
+    ``torch.compile`` would compile every conv of every head again (``discriminator.compile_heads``).
+    State: ``weight`` (the unnormalised weight), buffers ``_u`` and ``_v``.
+    """
+
+    def __init__(
+        self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, eps: float = 1e-12
+    ) -> None:
+        super().__init__(
+            in_ch,
+            out_ch,
+            kernel_size,
+            stride=stride,
+            padding=kernel_size // 2,
+            padding_mode="circular",
+            bias=True,
+        )
+        self.eps = eps
+        with torch.no_grad():
+            w = self.weight.flatten(1)
+            u = w.new_empty(w.shape[0]).normal_(0, 1)
+            v = w.new_empty(w.shape[1]).normal_(0, 1)
+            self.register_buffer("_u", F.normalize(u, dim=0, eps=eps))
+            self.register_buffer("_v", F.normalize(v, dim=0, eps=eps))
+            self._power_method(w, 16)
+
+    @torch.no_grad()
+    def _power_method(self, w: torch.Tensor, n: int) -> None:
+        for _ in range(n):
+            F.normalize(torch.mv(w, self._v), dim=0, eps=self.eps, out=self._u)
+            F.normalize(torch.mv(w.t(), self._u), dim=0, eps=self.eps, out=self._v)
+
+    def normalized_weight(self) -> torch.Tensor:
+        """``weight / σ``, after one power iteration in training mode."""
+        w = self.weight.flatten(1)
+        if self.training:
+            self._power_method(w, 1)
+        u = self._u.clone(memory_format=torch.contiguous_format)
+        v = self._v.clone(memory_format=torch.contiguous_format)
+        sigma = torch.vdot(u, torch.mv(w, v))
+        return self.weight / sigma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.normalized_weight(), self.bias)
+
+
+def sn_conv(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1) -> SNConv2d:
     """Spectrally normalised conv, circular padding ``k//2``, with bias (one power iteration, ε 1e-12)."""
-    conv = nn.Conv2d(
-        in_ch,
-        out_ch,
-        kernel_size,
-        stride=stride,
-        padding=kernel_size // 2,
-        padding_mode="circular",
-        bias=True,
-    )
-    return spectral_norm(conv, n_power_iterations=1, eps=1e-12, dim=0)
+    return SNConv2d(in_ch, out_ch, kernel_size, stride)
 
 
 class LocalBatchNorm(nn.Module):

@@ -68,14 +68,19 @@ class VFMDiscriminator(nn.Module):
             DiscHead(width, cfg.c_dim, cfg.cmap_dim, cfg.num_downsamples, cfg.virtual_batch)
             for _ in range(self.backbone.num_taps)
         )
+        if cfg.compile_heads:
+            for head in self.heads:
+                head.main.compile()
+                head.ref.compile()
         n_params = sum(p.numel() for p in self.heads.parameters())
         logger.info(
-            "VFM discriminator: %d heads of width %d on DINOv2 taps %s%s, %.1f M trainable parameters",
+            "VFM discriminator: %d heads of width %d on DINOv2 taps %s%s, %.1f M trainable parameters%s",
             len(self.heads),
             width,
             cfg.hooks,
             " + patch embedding" if cfg.tap_patch_embed else "",
             n_params / 1e6,
+            ", branches compiled" if cfg.compile_heads else "",
         )
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:

@@ -1,0 +1,89 @@
+"""``discriminator.compile_heads``: the heads' spectral-norm convs are torch's parametrization bit for bit,
+and the compiled branches compute what eager ones do, with one compiled graph shared by every branch of
+every head (a graph per module would recompile for each head)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+from torch.nn.utils.parametrizations import spectral_norm
+
+from senseflow.discriminator.heads import SNConv2d
+from senseflow.losses.gan import hinge_d_fake, hinge_d_real, hinge_g
+
+from .test_discriminator import PROMPTS, assets, images, make_disc  # noqa: F401  (assets: fixture)
+
+
+@pytest.mark.parametrize("kernel, stride", [(1, 1), (3, 1), (3, 2)])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_sn_conv_is_torch_spectral_norm(kernel, stride, autocast):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, kernel, stride=stride, padding=kernel // 2, padding_mode="circular")
+    ref = spectral_norm(conv, n_power_iterations=1, eps=1e-12, dim=0)
+    torch.manual_seed(0)
+    ours = SNConv2d(8, 16, kernel, stride)
+    ref_sn = ref.parametrizations.weight
+    assert torch.equal(ours.weight, ref_sn.original) and torch.equal(ours.bias, ref.bias)
+    assert torch.equal(ours._u, ref_sn[0]._u) and torch.equal(ours._v, ref_sn[0]._v)
+    x = torch.randn(2, 8, 9, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for _ in range(3):  # each training call runs one power iteration
+            a, b = ref(x), ours(x)
+            assert torch.equal(a, b)
+        a.float().square().sum().backward()
+        b.float().square().sum().backward()
+    assert torch.equal(ours.weight.grad, ref_sn.original.grad) and torch.equal(ours.bias.grad, ref.bias.grad)
+    assert torch.equal(ours._u, ref_sn[0]._u) and torch.equal(ours._v, ref_sn[0]._v)
+    u = ours._u.clone()
+    ours.eval()(x)
+    assert torch.equal(ours._u, u)  # no power iteration in eval mode
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> None:
+    err = (a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)
+    assert err < rel, err.item()
+
+
+def test_compiled_heads_match_eager(assets):
+    """A discriminator step (real and fake passes, hinge losses) and a generator pass through the frozen
+    heads, eager and compiled from the same initialisation."""
+    eager = make_disc(assets)
+    compiled = make_disc(assets, compile_heads=True)
+    assert compiled.heads[0].main._compiled_call_impl is not None
+    assert eager.heads[0].main._compiled_call_impl is None
+    torch._dynamo.reset()
+    counters.clear()
+    size = 56
+    real, fake = images(2, size, seed=1), images(2, size, seed=2)
+    results = []
+    for disc in (eager, compiled):
+        text = disc.encode_text(PROMPTS)
+        ref = disc.reference_features(real)
+        g = torch.Generator().manual_seed(0)
+        loss_d = (hinge_d_real(disc(real, text, ref, g)) + hinge_d_fake(disc(fake, text, ref, g))).mean()
+        loss_d.backward()
+        grads = {n: p.grad.clone() for n, p in disc.heads.named_parameters()}
+        disc.heads.requires_grad_(False)
+        x = fake.clone().requires_grad_(True)
+        logits = disc(x, text, ref, torch.Generator().manual_seed(1))
+        hinge_g(logits).mean().backward()
+        disc.heads.requires_grad_(True)
+        results.append((loss_d.detach(), grads, logits.detach(), x.grad, dict(disc.heads.named_buffers())))
+    (l0, g0, z0, x0, b0), (l1, g1, z1, x1, b1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-5)
+    _close(z1, z0)
+    _close(x1, x0)
+    # heads' weight gradients match; the biases before a batch norm get a zero gradient up to rounding
+    total = torch.stack([g.norm() for g in g0.values()]).norm()
+    for name, g in g0.items():
+        assert (g1[name] - g).norm() < 1e-4 * total + 1e-3 * g.norm(), name
+    assert b1.keys() == b0.keys() and any(k.endswith("._u") for k in b0)
+    for name, buf in b0.items():
+        torch.testing.assert_close(b1[name], buf, rtol=0, atol=1e-5)
+    # one graph for every branch of every head in the D step, plus the frozen-heads pass (its main
+    # branch takes an input with gradient, its reference branch none): no compilation per head
+    assert len(compiled.heads) == 3 and counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
