@@ -21,6 +21,17 @@ def tiny_cache(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny random DINOv2 directory and tiny CLIP weights for the VFM discriminator."""
+    from senseflow.discriminator.tiny import build_tiny_clip, build_tiny_dino
+
+    root = tmp_path_factory.mktemp("tiny_disc")
+    dino = build_tiny_dino(root / "dino", seed=0)
+    clip = build_tiny_clip(root / "clip" / "open_clip_model.safetensors", seed=0)
+    return dino, clip
+
+
 def free_port() -> int:
     """A TCP port that is free right now on localhost."""
     with socket.socket() as s:

@@ -4,8 +4,6 @@ every head (a graph per module would recompile for each head)."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -15,7 +13,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from senseflow.discriminator.heads import SNConv2d
 from senseflow.losses.gan import hinge_d_fake, hinge_d_real, hinge_g
 
-from .test_discriminator import PROMPTS, assets, images, make_disc  # noqa: F401  (assets: fixture)
+from .test_discriminator import PROMPTS, images, make_disc
 
 
 @pytest.mark.parametrize("kernel, stride", [(1, 1), (3, 1), (3, 2)])

@@ -38,14 +38,6 @@ from senseflow.losses.gan import hinge_d_fake, hinge_d_real, hinge_g
 PROMPTS = ["a red cube on a table", "a portrait of an old fisherman"]
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_disc")
-    dino = build_tiny_dino(root / "dino", seed=0)
-    clip = build_tiny_clip(root / "clip" / "open_clip_model.safetensors", seed=0)
-    return dino, clip
-
-
 def make_disc(assets, **overrides) -> VFMDiscriminator:
     cfg = tiny_discriminator_config()
     for k, v in overrides.items():
