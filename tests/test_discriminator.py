@@ -289,7 +289,7 @@ def test_head_layers_and_spectral_norm():
     for _ in range(30):  # power iterations in train mode
         head(x, x, torch.randn(3, 8))
     for conv in convs:
-        sigma = torch.linalg.matrix_norm(conv.weight.detach().flatten(1), ord=2)
+        sigma = torch.linalg.matrix_norm(conv.normalized_weight().detach().flatten(1), ord=2)
         assert abs(sigma.item() - 1) < 0.05
     # text mapper: equalised LR, weight ~ N(0,1) scaled by 1/sqrt(c_dim) at run time, bias 0
     c = torch.randn(3, 8)
