@@ -72,6 +72,13 @@ class ModelConfig:
     cuDNN backward hit an illegal memory access in FLUX.1-dev's joint attention at 1024 px (24 heads of
     dim 128, 4,608 tokens); flash attention, used instead, ran it. The SD3.5 and SDXL recipes ran with
     it. Inference keeps torch's default choice."""
+    compile_blocks: bool = False
+    """``torch.compile`` every transformer block of the generator, fake score and teacher (the FSDP2 units;
+    FSDP2's hooks stay outside the compiled code). The blocks of one model share their compiled graphs:
+    a few per block kind, gradient mode and batch size, compiled in the first iterations (minutes at
+    full size). Eager blocks dispatch thousands of small operators per pass, so at one 1024-px image per
+    GPU the host, not the GPU, sets the pace (``python -m senseflow.bench --profile``). Same arithmetic
+    up to fused-kernel rounding."""
     cudnn_benchmark: bool = False
     """Let cuDNN time its convolution algorithms on the first call of each shape and keep the fastest
     (``torch.backends.cudnn.benchmark``). Training shapes are fixed (one resolution, one batch size), so

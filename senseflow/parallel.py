@@ -101,6 +101,7 @@ def build_sharded(
     mp_policy: MixedPrecisionPolicy | None,
     trainable: bool,
     gradient_checkpointing: bool = False,
+    compile_blocks: bool = False,
 ) -> nn.Module:
     """Build a model skeleton on meta, shard it, allocate local shards and load ``full_state``.
 
@@ -110,6 +111,7 @@ def build_sharded(
         blocks: returns the modules to shard individually (transformer blocks).
         dtype: storage dtype of the parameters (fp32 master weights for trained nets).
         trainable: sets ``requires_grad`` on every parameter.
+        compile_blocks: ``torch.compile`` each block (see :func:`compile_modules`).
     """
     model = _meta_params(build)
     nn.Module.to(model, dtype)  # bypass diffusers' override, which warns about fp32-pinned modules
@@ -125,7 +127,28 @@ def build_sharded(
     set_model_state_dict(
         model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     )
+    if compile_blocks:
+        compile_modules(blocks(model))
     return model
+
+
+# compiled graphs per code object: block kinds x gradient modes x batch sizes x frozen / trained models
+RECOMPILE_LIMIT = 64
+
+
+def compile_modules(modules: Iterable[nn.Module]) -> None:
+    """``module.compile()`` in place (state-dict keys unchanged). Modules of one class share compiled graphs
+    (parameters are graph inputs, not constants), so the limit of graphs per code object is raised to
+    :data:`RECOMPILE_LIMIT`: past torch's default of 8, further variants would silently run eagerly.
+    FSDP2's hooks run outside the compiled code (``torch._dynamo.config.skip_fsdp_hooks``)."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.cache_size_limit = max(cfg.cache_size_limit, RECOMPILE_LIMIT)
+    if hasattr(cfg, "accumulated_cache_size_limit"):
+        cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * RECOMPILE_LIMIT)
+    for module in modules:
+        module.compile()
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -220,6 +220,7 @@ class TeacherAdapter:
                     mp_policy=mixed_precision_policy(trained_compute if trainable else p.teacher),
                     trainable=trainable,
                     gradient_checkpointing=self.cfg.model.gradient_checkpointing and trainable,
+                    compile_blocks=self.cfg.model.compile_blocks,
                 )
             )
         generator, fake, teacher = nets

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..parallel import compile_modules
 from .backbone import DinoBackbone, load_dinov2
 from .config import DiscriminatorConfig
 from .diffaug import diff_augment
@@ -69,9 +70,7 @@ class VFMDiscriminator(nn.Module):
             for _ in range(self.backbone.num_taps)
         )
         if cfg.compile_heads:
-            for head in self.heads:
-                head.main.compile()
-                head.ref.compile()
+            compile_modules(m for head in self.heads for m in (head.main, head.ref))
         n_params = sum(p.numel() for p in self.heads.parameters())
         logger.info(
             "VFM discriminator: %d heads of width %d on DINOv2 taps %s%s, %.1f M trainable parameters%s",

@@ -1,6 +1,7 @@
-"""``discriminator.compile_heads``: the heads' spectral-norm convs are torch's parametrization bit for bit,
-and the compiled branches compute what eager ones do, with one compiled graph shared by every branch of
-every head (a graph per module would recompile for each head)."""
+"""``discriminator.compile_heads`` and ``model.compile_blocks``: the heads' spectral-norm convs are torch's
+parametrization bit for bit; the compiled branches compute what eager ones do, with one compiled graph
+shared by every branch of every head (a graph per module would recompile for each head); a run with
+compiled heads and transformer blocks logs the eager run's losses."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from senseflow.discriminator.heads import SNConv2d
 from senseflow.losses.gan import hinge_d_fake, hinge_d_real, hinge_g
 
 from .test_discriminator import PROMPTS, images, make_disc
+from .test_engine import make_engine
+from .test_offload import _losses, _metrics
 
 
 @pytest.mark.parametrize("kernel, stride", [(1, 1), (3, 1), (3, 2)])
@@ -85,3 +88,28 @@ def test_compiled_heads_match_eager(assets):
     # one graph for every branch of every head in the D step, plus the frozen-heads pass (its main
     # branch takes an input with gradient, its reference branch none): no compilation per head
     assert len(compiled.heads) == 3 and counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+
+
+def test_engine_with_compiled_blocks_and_heads(tiny_cache, tmp_path):
+    """The tiny SD3.5 recipe with ``model.compile_blocks`` and ``discriminator.compile_heads`` logs the
+    losses of the eager run (a generator and a fake-score iteration), and every block of the three
+    transformers and every head branch is compiled."""
+    common = ["train.log_interval=1", "distill.generator_period=2", "train.iter_num=2"]
+    common += ["checkpoint.enabled=false"]
+    for name in ("eager", "compiled"):
+        (tmp_path / name).mkdir()
+    eager = make_engine(tmp_path / "eager", *common)
+    eager.train()
+    compiled = make_engine(
+        tmp_path / "compiled", *common, "model.compile_blocks=true", "discriminator.compile_heads=true"
+    )
+    for net in (compiled.G.net, compiled.F.net, compiled.teacher):
+        blocks = compiled.adapter.blocks(net)
+        assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    assert all(b._compiled_call_impl is None for b in eager.adapter.blocks(eager.G.net))
+    compiled.train()
+    runs = [_losses(_metrics(tmp_path / name)) for name in ("eager", "compiled")]
+    assert len(runs[0]) == 2 and runs[0][1].keys() == runs[1][1].keys()
+    for a, b in zip(*runs):
+        for key, value in a.items():
+            assert b[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
