@@ -60,8 +60,11 @@ class Preset:
     teacher_warmup: int = 100
     ema_decay: float = 0.999
     nets_lr: float = 2e-3
-    distill_lr: float = 2e-4
-    """Learning rate of the generator, fake score and discriminator heads (all variants)."""
+    distill_lr: float = 5e-5
+    """Learning rate of the generator, fake score and discriminator heads (all variants). 2e-4 until
+    2026-11-22: on the ``cpu`` preset it made every student's Frechet distance jump between checkpoints
+    and the full recipe end at 1.53x the teacher's; 5e-5 gave steady curves and 1.12x
+    (``benchmarks/results/toy_cpu_lr*/``)."""
     distill_warmup: int = 20
     cfg_scale: float = 5.0
     """CFG scale of the teacher baselines: the mean of the recipe's DM guidance range U(2, 8)."""
