@@ -437,10 +437,11 @@ def profile_iterations(engine, ks: list[int], batches: list[dict], out_dir: Path
     out_dir.mkdir(parents=True, exist_ok=True)
     trace = out_dir / f"trace_rank{rank}.json"
     prof.export_chrome_trace(str(trace))
-    stats = trace_phase_stats(json.loads(trace.read_text())["traceEvents"], list(walls))
-    with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
-        shutil.copyfileobj(src, dst)
+    raw = trace.read_bytes()  # read once: parsed here, kept compressed
     trace.unlink()
+    stats = trace_phase_stats(json.loads(raw)["traceEvents"], list(walls))
+    with gzip.open(f"{trace}.gz", "wb") as dst:
+        dst.write(raw)
     events = [e for e in prof.key_averages() if e.key not in walls]  # operators and kernels, not phases
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     events.sort(key=lambda e: -getattr(e, attr, 0))

@@ -151,9 +151,9 @@ class Engine:
         self.d = cfg.distill
         self.rng = RandomStreams(cfg.train.seed, info.rank, info.device, cfg.compat.shared_noise_across_ranks)
         self.compute_dtype = DTYPE[cfg.precision.compute]
-        if self.device.type == "cuda" and not cfg.model.cudnn_attention:
-            torch.backends.cuda.enable_cudnn_sdp(False)  # see model.cudnn_attention
         if self.device.type == "cuda":
+            if not cfg.model.cudnn_attention:
+                torch.backends.cuda.enable_cudnn_sdp(False)  # see model.cudnn_attention
             torch.backends.cudnn.benchmark = cfg.model.cudnn_benchmark
 
         self._build_data()
