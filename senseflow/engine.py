@@ -166,7 +166,12 @@ class Engine:
         logger.info("built generator, fake score and teacher in %.1fs", time.time() - t0)
         self.G = self._trainee(generator)
         if cfg.optimizer.offload_generator_state:
-            self.G.offload = StateOffload(self.G.opt, pin=self.device.type == "cuda", label="generator")
+            self.G.offload = StateOffload(
+                self.G.opt,
+                pin=self.device.type == "cuda",
+                label="generator",
+                chunks=cfg.optimizer.offload_step_chunks,
+            )
         self.F = self._trainee(fake)
         self.disc, self.D = self._build_discriminator()
 
@@ -299,10 +304,9 @@ class Engine:
             norm = norm.full_tensor()
         if torch.isfinite(norm):
             if t.offload is not None:
-                t.offload.load()
-            self._opt_step(t, name)
-            if t.offload is not None:
-                t.offload.offload()
+                t.offload.step(lambda: self._opt_step(t, name))
+            else:
+                self._opt_step(t, name)
         else:
             self.counters[f"nonfinite_{name}"] += 1
             logger.warning(

@@ -4,7 +4,9 @@ The generator steps once every ``distill.generator_period`` iterations (10 for S
 its steps its AdamW states (two fp32 tensors per parameter: 8 bytes per parameter, 16.7 GiB for the
 2.24 B parameters of SD3.5 Medium, divided by the number of GPUs under FSDP2) sit unused on the device.
 :class:`StateOffload` (``optimizer.offload_generator_state``) copies them to pinned host memory after
-each step and frees their device storage, and copies them back just before the next step.
+each step and frees their device storage, and copies them back just before the next step, a part of the
+parameters at a time (``optimizer.offload_step_chunks``), so that the gradients and all the states are
+never on the device together.
 
 The state tensors stay the same objects: their storage is resized to zero bytes and back, the way FSDP2
 frees unsharded parameters, so the optimiser (fused kernel included), DTensor wrappers and checkpointing
@@ -15,6 +17,8 @@ stream orders them against the step, and a freed block is only reused by later w
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 
 import torch
 
@@ -35,25 +39,39 @@ def _offloadable(t: torch.Tensor) -> bool:
 
 
 class StateOffload:
-    """Moves an optimiser's state tensors to host memory (:meth:`offload`) and back (:meth:`load`).
+    """Moves an optimiser's state tensors to host memory (:meth:`offload`) and back (:meth:`load`), and
+    steps the optimiser a part of its parameters at a time (:meth:`step`).
 
     Args:
         opt: the optimiser; its states may be created or replaced at any time (first step, resume).
         pin: page-locked host buffers, for asynchronous copies (CUDA).
         label: names the optimiser in the log line of the first offload.
+        chunks: parts of the parameters :meth:`step` updates one after the other.
     """
 
-    def __init__(self, opt: torch.optim.Optimizer, pin: bool, label: str = "") -> None:
+    def __init__(self, opt: torch.optim.Optimizer, pin: bool, label: str = "", chunks: int = 1) -> None:
         self.opt = opt
         self.pin = pin
         self.label = label
+        self.chunks = chunks
         self._announced = False
         self._host: dict[tuple[int, str], torch.Tensor] = {}  # (parameter index, state key) -> buffer
-        self._away: list[tuple[torch.Tensor, torch.Tensor]] = []  # (device tensor, its host copy)
+        self._away: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # -> (device tensor, host)
 
-    def _state_tensors(self):
-        params = (p for group in self.opt.param_groups for p in group["params"])
-        for i, p in enumerate(params):
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.opt.param_groups for p in group["params"]]
+
+    def _indices(self, params: list[torch.Tensor] | None) -> set[int] | None:
+        """Positions of ``params`` among the optimiser's parameters (None: all)."""
+        if params is None:
+            return None
+        wanted = {id(p) for p in params}
+        return {i for i, p in enumerate(self._params()) if id(p) in wanted}
+
+    def _state_tensors(self, indices: set[int] | None):
+        for i, p in enumerate(self._params()):
+            if indices is not None and i not in indices:
+                continue
             for key, value in self.opt.state.get(p, {}).items():
                 local = local_tensor(value) if isinstance(value, torch.Tensor) else None
                 if local is not None and _offloadable(local):
@@ -62,21 +80,23 @@ class StateOffload:
     @property
     def offloaded_bytes(self) -> int:
         """Device bytes currently held on the host."""
-        return sum(t.numel() * t.element_size() for t, _ in self._away)
+        return sum(t.numel() * t.element_size() for t, _ in self._away.values())
 
     @torch.no_grad()
-    def offload(self) -> None:
-        """Copy every state tensor to its host buffer and free its device storage."""
-        if self._away:
-            return
-        for key, t in self._state_tensors():
+    def offload(self, params: list[torch.Tensor] | None = None) -> None:
+        """Copy the state tensors (of ``params``, default all) to their host buffers and free their device
+        storage; states already away stay as they are."""
+        for key, t in self._state_tensors(self._indices(params)):
+            away = self._away.get(key)
+            if away is not None and away[0] is t:
+                continue
             host = self._host.get(key)
             if host is None or host.shape != t.shape or host.dtype != t.dtype:
                 host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
                 self._host[key] = host
             host.copy_(t, non_blocking=self.pin)
             t.untyped_storage().resize_(0)
-            self._away.append((t, host))
+            self._away[key] = (t, host)
         if self._away and not self._announced:
             self._announced = True
             logger.info(
@@ -86,9 +106,37 @@ class StateOffload:
             )
 
     @torch.no_grad()
-    def load(self) -> None:
-        """Give the offloaded tensors their device storage back and copy their values in."""
-        for t, host in self._away:
+    def load(self, params: list[torch.Tensor] | None = None) -> None:
+        """Give the offloaded tensors (of ``params``, default all) their device storage back and copy
+        their values in."""
+        indices = self._indices(params)
+        for key in [k for k in self._away if indices is None or k[0] in indices]:
+            t, host = self._away.pop(key)
             t.untyped_storage().resize_(t.numel() * t.element_size())
             t.copy_(host, non_blocking=self.pin)
-        self._away.clear()
+
+    def step(self, step_fn: Callable[[], None]) -> None:
+        """Update the parameters with gradients in ``chunks`` consecutive parts, each with only its own
+        states on the device: its states are loaded, ``step_fn`` (the optimiser's step) runs while the
+        other parts' gradients are set aside (optimisers skip parameters without gradient), its states
+        go back to the host. The states on the device at once shrink ``chunks`` times; the updates are
+        those of one step over all parameters (AdamW updates each parameter from its own state). The
+        gradients are restored afterwards. A first step creates each part's states in its turn."""
+        params = [p for p in self._params() if p.grad is not None]
+        grads = [p.grad for p in params]
+        size = math.ceil(len(params) / max(1, self.chunks)) or 1
+        try:
+            for p in params:
+                p.grad = None
+            for start in range(0, len(params), size):
+                part = params[start : start + size]
+                for p, g in zip(part, grads[start : start + size]):
+                    p.grad = g
+                self.load(part)
+                step_fn()
+                self.offload(part)
+                for p in part:
+                    p.grad = None
+        finally:
+            for p, g in zip(params, grads):
+                p.grad = g

@@ -54,6 +54,49 @@ def test_offload_round_trip_keeps_the_updates():
     offload.load()  # nothing away: a no-op
 
 
+def _resident_state_bytes(opt) -> int:
+    return sum(
+        v.untyped_storage().nbytes() for st in opt.state.values() for v in st.values() if v.numel() > 1
+    )
+
+
+def test_chunked_step_keeps_the_updates_with_a_part_of_the_states_on_the_device():
+    """``step`` in 3 parts: the updates and states of one step over all parameters (first step included),
+    at most one part's states on the device during each partial step, the gradients back afterwards."""
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
+    off = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
+    off.load_state_dict(ref.state_dict())
+    opt_ref, opt_off = _adamw(ref), _adamw(off)
+    offload = StateOffload(opt_off, pin=False, chunks=3)
+    total = 2 * sum(p.numel() for p in off.parameters()) * 4
+    resident: list[int] = []
+
+    def step() -> None:
+        resident.append(_resident_state_bytes(opt_off))  # states of earlier parts are away by now
+        opt_off.step()
+        resident.append(_resident_state_bytes(opt_off))
+
+    for k in range(3):
+        for model in (ref, off):
+            g = torch.Generator().manual_seed(k)
+            model(torch.randn(8, 16, generator=g)).square().mean().backward()
+        opt_ref.step()
+        grads = [p.grad for p in off.parameters()]
+        resident.clear()
+        offload.step(step)
+        assert len(resident) == 6 and max(resident) <= total // 3, resident
+        assert all(p.grad is g for p, g in zip(off.parameters(), grads))  # restored, same objects
+        assert offload.offloaded_bytes == total
+        opt_ref.zero_grad(set_to_none=True)
+        opt_off.zero_grad(set_to_none=True)
+        assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), off.parameters())), k
+    offload.load()
+    for p_ref, p_off in zip(ref.parameters(), off.parameters()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt_ref.state[p_ref][key], opt_off.state[p_off][key])
+
+
 def test_replaced_states_are_not_overwritten():
     """States replaced while offloaded (a resume loading a checkpoint) keep their new values on load."""
     model = torch.nn.Linear(16, 16)
@@ -73,6 +116,8 @@ def test_replaced_states_are_not_overwritten():
 def test_needs_plain_adamw(tiny_cache):
     with pytest.raises(ConfigError, match="optimizer.offload_generator_state"):
         load_config(TINY, ["optimizer.offload_generator_state=true", "optimizer.name=adamw8bit"])
+    with pytest.raises(ConfigError, match="optimizer.offload_step_chunks"):
+        load_config(TINY, ["optimizer.offload_generator_state=true", "optimizer.offload_step_chunks=0"])
 
 
 def _metrics(path) -> list[dict]:
