@@ -237,14 +237,15 @@ class OptimizerConfig:
     ``distill.generator_period`` iterations) and copy them to the GPU just for the step
     (``senseflow/offload.py``). Saves 8 bytes per generator parameter divided by the number of GPUs
     (SD3.5 Medium: 8.3 GiB per GPU on 2 GPUs, 16.7 GiB on 1) outside generator steps, for two host-device
-    copies per generator step. Measured on 2 x H200 with the other memory options: 46.4 GiB per GPU, the
-    peak then in the generator step (``benchmarks/NOTES.md``). Same updates. Needs
+    copies per generator step. Measured (SD3.5 Medium, ``benchmarks/NOTES.md``): 86.2 instead of 91.4 GiB
+    on 1 x H200; 46.4 GiB per GPU on 2 x H200 with the other memory options. Same updates. Needs
     ``optimizer.name=adamw``."""
     offload_step_chunks: int = 4
     """With ``offload_generator_state``: the generator steps its parameters in this many consecutive parts,
     each with only its own AdamW states on the GPU, so its gradients and all its states are never on the
     GPU together (the step's extra memory shrinks from 8 to 8/chunks bytes per parameter and GPU). Same
-    updates as one step; 1 loads all states at once."""
+    updates as one step; 1 loads all states at once. On 2 x H200 (SD3.5 Medium, all memory options) the
+    peak stayed at 46.4 GiB with 4 parts: that peak lies outside the generator's optimiser step."""
 
 
 @dataclass

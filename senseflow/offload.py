@@ -97,12 +97,18 @@ class StateOffload:
             host.copy_(t, non_blocking=self.pin)
             t.untyped_storage().resize_(0)
             self._away[key] = (t, host)
+        if params is None:
+            self._announce()
+
+    def _announce(self) -> None:
+        """Log, once, how much is held on the host (after the first offload of all states)."""
         if self._away and not self._announced:
             self._announced = True
             logger.info(
-                "%s optimiser states: %.2f GiB on this device moved to host memory between steps",
+                "%s optimiser states: %.2f GiB on this device moved to host memory between steps%s",
                 self.label,
                 self.offloaded_bytes / 2**30,
+                f" (stepped in {self.chunks} parts)" if self.chunks > 1 else "",
             )
 
     @torch.no_grad()
@@ -140,3 +146,4 @@ class StateOffload:
         finally:
             for p, g in zip(params, grads):
                 p.grad = g
+        self._announce()
