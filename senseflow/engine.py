@@ -136,7 +136,8 @@ class Trainee:
     stepped: bool = False
     """Whether the optimiser has stepped in this process (its first step may compile, see ``_opt_step``)."""
     offload: StateOffload | None = None
-    """Moves the optimiser states to host memory between steps (``optimizer.offload_generator_state``)."""
+    """Moves the optimiser states to host memory between steps (``optimizer.offload_generator_state``,
+    ``optimizer.offload_fake_state``)."""
 
 
 class Engine:
@@ -165,14 +166,18 @@ class Engine:
         generator, fake, self.teacher = self.adapter.build_networks()
         logger.info("built generator, fake score and teacher in %.1fs", time.time() - t0)
         self.G = self._trainee(generator)
-        if cfg.optimizer.offload_generator_state:
-            self.G.offload = StateOffload(
-                self.G.opt,
-                pin=self.device.type == "cuda",
-                label="generator",
-                chunks=cfg.optimizer.offload_step_chunks,
-            )
         self.F = self._trainee(fake)
+        for t, label, wanted in (
+            (self.G, "generator", cfg.optimizer.offload_generator_state),
+            (self.F, "fake score", cfg.optimizer.offload_fake_state),
+        ):
+            if wanted:
+                t.offload = StateOffload(
+                    t.opt,
+                    pin=self.device.type == "cuda",
+                    label=label,
+                    chunks=cfg.optimizer.offload_step_chunks,
+                )
         self.disc, self.D = self._build_discriminator()
 
         grid = torch.tensor(self.d.anchors, dtype=torch.long)

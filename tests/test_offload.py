@@ -1,5 +1,6 @@
-"""``optimizer.offload_generator_state``: the generator's AdamW states live in host memory between its
-steps (senseflow/offload.py) and training is unchanged, also across a checkpoint and resume."""
+"""``optimizer.offload_generator_state`` / ``offload_fake_state``: the generator's and the fake score's
+AdamW states live in host memory between their steps (senseflow/offload.py) and training is unchanged,
+also across a checkpoint and resume."""
 
 from __future__ import annotations
 
@@ -116,6 +117,8 @@ def test_replaced_states_are_not_overwritten():
 def test_needs_plain_adamw(tiny_cache):
     with pytest.raises(ConfigError, match="optimizer.offload_generator_state"):
         load_config(TINY, ["optimizer.offload_generator_state=true", "optimizer.name=adamw8bit"])
+    with pytest.raises(ConfigError, match="optimizer.offload_fake_state"):
+        load_config(TINY, ["optimizer.offload_fake_state=true", "optimizer.name=adamw8bit"])
     with pytest.raises(ConfigError, match="optimizer.offload_step_chunks"):
         load_config(TINY, ["optimizer.offload_generator_state=true", "optimizer.offload_step_chunks=0"])
 
@@ -130,8 +133,9 @@ def _losses(records: list[dict]) -> list[dict]:
 
 
 def test_engine_trains_the_same_and_resumes(tiny_cache, tmp_path, caplog):
-    """Four iterations with a generator step at 2 and 4: the same losses with and without offloading,
-    also when stopped after iteration 2 (checkpoint) and resumed; the states are away after each step."""
+    """Four iterations with a generator step at 2 and 4: the same losses and weights with and without
+    offloading the generator's and the fake score's states, also when stopped after iteration 2
+    (checkpoint) and resumed; the states are away after each step."""
     common = ["train.log_interval=1", "distill.generator_period=2", "train.iter_num=4"]
     for name in ("plain", "off", "split"):
         (tmp_path / name).mkdir()
@@ -139,7 +143,11 @@ def test_engine_trains_the_same_and_resumes(tiny_cache, tmp_path, caplog):
     plain.train()
     with caplog.at_level("INFO", logger="senseflow.offload"):
         off = make_engine(
-            tmp_path / "off", *common, "checkpoint.enabled=false", "optimizer.offload_generator_state=true"
+            tmp_path / "off",
+            *common,
+            "checkpoint.enabled=false",
+            "optimizer.offload_generator_state=true",
+            "optimizer.offload_fake_state=true",
         )
         off.train()
     # logged once, after the whole first step (all parts), with the default 4 parts
@@ -149,8 +157,11 @@ def test_engine_trains_the_same_and_resumes(tiny_cache, tmp_path, caplog):
     assert off.G.offload.offloaded_bytes == 8 * sum(p.numel() for p in off.G.params)
     # the rank-local tensors (G is an FSDP2 module: its states are DTensors) hold no storage
     assert all(s["exp_avg"].to_local().untyped_storage().nbytes() == 0 for s in off.G.opt.state.values())
+    (logged,) = [m for m in caplog.messages if "fake score optimiser states" in m]
+    assert off.F.offload.offloaded_bytes == 8 * sum(p.numel() for p in off.F.params)
+    assert all(s["exp_avg"].to_local().untyped_storage().nbytes() == 0 for s in off.F.opt.state.values())
     assert _losses(_metrics(tmp_path / "off")) == _losses(_metrics(tmp_path / "plain"))
-    for a, b in zip(plain.G.params, off.G.params):
+    for a, b in zip([*plain.G.params, *plain.F.params], [*off.G.params, *off.F.params]):
         assert torch.equal(a, b)
 
     split = [
@@ -158,13 +169,15 @@ def test_engine_trains_the_same_and_resumes(tiny_cache, tmp_path, caplog):
         "checkpoint.enabled=true",
         "train.save_interval=2",
         "optimizer.offload_generator_state=true",
+        "optimizer.offload_fake_state=true",
     ]
     make_engine(tmp_path / "split", *split, "train.iter_num=2").train()
     resumed = make_engine(tmp_path / "split", *split, "train.iter_num=4")
     resumed.train()
-    assert resumed.G.offload.offloaded_bytes > 0  # offloaded again after the resume and each step
+    # offloaded again after the resume and each step
+    assert resumed.G.offload.offloaded_bytes > 0 and resumed.F.offload.offloaded_bytes > 0
     assert _losses(_metrics(tmp_path / "split")) == _losses(_metrics(tmp_path / "plain"))
-    for a, b in zip(plain.G.params, resumed.G.params):
+    for a, b in zip([*plain.G.params, *plain.F.params], [*resumed.G.params, *resumed.F.params]):
         assert torch.equal(a, b)
 
 
