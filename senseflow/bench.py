@@ -13,7 +13,9 @@ the TTUR period ``P = distill.generator_period``, so the measured window holds g
 iterations in the training proportion 1 : P − 1. The warm-up ends with a generator iteration (its
 one-time costs, e.g. the generator's optimiser states, stay out of the window). Each iteration is timed
 by wall clock (``torch.cuda.synchronize`` before and after; the batch is fetched before the clock
-starts), its phases by :class:`~senseflow.profiling.PhaseTimer`.
+starts), its phases by :class:`~senseflow.profiling.PhaseTimer`, which on a GPU also records the peak
+of allocated memory in each phase and between phases (the device's peak counters are reset at every phase
+boundary in the window; the window's peak is the largest of them).
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on a replay of the window's first
 period (P iterations, one of them a generator iteration) with the random streams reset to the window's
@@ -55,6 +57,7 @@ import torch.distributed as dist
 from .errors import ConfigError, SenseFlowError
 from .output import emit
 from .parallel import local_tensor
+from .profiling import OUTSIDE_PHASES
 
 logger = logging.getLogger("senseflow.bench")
 
@@ -144,7 +147,8 @@ PHASES = (
     "vae_decode",
     "disc_step",
 )
-UNATTRIBUTED = "(outside phases)"
+UNATTRIBUTED = OUTSIDE_PHASES
+ITER_KINDS = ("generator", "other")
 
 FLOPS_CONVENTION = (
     "FLOPs counted by torch.utils.flop_counter.FlopCounterMode on a replay of one TTUR period of the "
@@ -171,7 +175,7 @@ TABLE_COLUMNS = (
     "TFLOP/it",
     "MFU",
 )
-PHASE_COLUMNS = ("phase", "ms/gen iter", "ms/other iter", "share")
+PHASE_COLUMNS = ("phase", "ms/gen iter", "ms/other iter", "share", "peak GiB gen / other")
 PROFILE_COLUMNS = ("iteration/phase", "wall ms", "host ms", "GPU busy ms", "busy/wall", "GPU ops", "ATen ops")
 
 
@@ -482,19 +486,31 @@ def profile_iterations(engine, ks: list[int], batches: list[dict], out_dir: Path
 
 
 def profile_rows(phases: dict[str, dict[str, Any]]) -> list[list[str]]:
-    """Rows of :data:`PROFILE_COLUMNS`."""
+    """Rows of :data:`PROFILE_COLUMNS` (``n/a`` for fields a result stored before them lacks: profiles
+    from before the trace-based table have only ``wall_ms``, ``kernel_ms`` and ``kernel_share``)."""
     return [
         [
             key,
             _fmt(p["wall_ms"], ".1f"),
-            _fmt(p["host_ms"], ".1f"),
-            _fmt(p["gpu_busy_ms"], ".1f"),
-            _fmt(p["gpu_busy_share"], ".0%"),
-            _fmt(p["gpu_activities"]),
-            _fmt(p["aten_ops"]),
+            _fmt(p.get("host_ms"), ".1f"),
+            _fmt(p.get("gpu_busy_ms"), ".1f"),
+            _fmt(p.get("gpu_busy_share"), ".0%"),
+            _fmt(p.get("gpu_activities")),
+            _fmt(p.get("aten_ops")),
         ]
         for key, p in phases.items()
     ]
+
+
+def phase_peaks(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per iteration kind (:data:`ITER_KINDS`), the largest peak of allocated memory (GiB) of each phase and
+    of the stretches outside phases (:data:`UNATTRIBUTED`) over ``records`` (their ``peak_bytes``)."""
+    out: dict[str, dict[str, float]] = {kind: {} for kind in ITER_KINDS}
+    for r in records:
+        peaks = out["generator" if r["generator"] else "other"]
+        for name, nbytes in r.get("peak_bytes", {}).items():
+            peaks[name] = max(peaks.get(name, 0.0), nbytes / GIB)
+    return out
 
 
 def run_benchmark(
@@ -520,8 +536,8 @@ def run_benchmark(
     engine.timer.trace = False
     engine.timer.collect()
     logger.info("warm-up: %d iterations in %.1fs", warmup, time.perf_counter() - t0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    engine.timer.reset_memory()  # the device's peak counters (CUDA) and the timer's phase peaks
+    engine.timer.memory = True  # peak memory per phase, in the timed window only
     rng_state = engine.rng.state_dict()
     records, replay_batches = [], []
     for k in window_ks:
@@ -534,14 +550,25 @@ def run_benchmark(
         _sync(device)
         seconds = time.perf_counter() - start
         records.append(
-            {"k": k, "generator": k % period == 0, "seconds": seconds, "phases": engine.timer.collect()}
+            {
+                "k": k,
+                "generator": k % period == 0,
+                "seconds": seconds,
+                "phases": engine.timer.collect(),
+                "peak_bytes": engine.timer.collect_memory(),  # per phase, this rank; empty on a CPU
+            }
         )
         logger.info("iteration %d (%s): %.3fs", k, "generator" if k % period == 0 else "other", seconds)
+    engine.timer.memory = False
 
     memory: dict[str, Any] = {"sharded_state_gib_per_gpu": _gather(sharded_state_bytes(engine) / GIB)}
     if device.type == "cuda":
-        memory["peak_allocated_gib_per_gpu"] = _gather(torch.cuda.max_memory_allocated(device) / GIB)
-        memory["peak_reserved_gib_per_gpu"] = _gather(torch.cuda.max_memory_reserved(device) / GIB)
+        # the timer reset the peak counters at each phase boundary: the window's peak is the largest of
+        # its phases' and in-between stretches' peaks
+        peaks = phase_peaks(records)
+        memory["peak_allocated_gib_per_gpu"] = _gather(max(v for p in peaks.values() for v in p.values()))
+        memory["peak_reserved_gib_per_gpu"] = _gather(engine.timer.peak_reserved / GIB)
+        memory["phase_peak_gib_per_gpu"] = _gather(peaks)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     memory["host_max_rss_gib_per_process"] = _gather(rss / (GIB if sys.platform == "darwin" else 2**20))
 
@@ -657,6 +684,13 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     }
     total_time = sum(r["seconds"] for r in records)
     names = sorted({n for r in records for n in r["phases"]}, key=_phase_order)
+    # peak GiB per phase and iteration kind, the largest over GPUs (None: not measured, or not run)
+    per_rank = raw["memory"].get("phase_peak_gib_per_gpu") or []
+
+    def peak(name: str, kind: str) -> float | None:
+        vals = [rank[kind][name] for rank in per_rank if name in rank.get(kind, {})]
+        return max(vals) if vals else None
+
     phases = {}
     for name in names:
         g = [r["phases"].get(name, 0.0) for r in records if r["generator"]]
@@ -674,10 +708,23 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "ms_other_iter": 1000 * _mean(o) if o else None,
         "share": sum(outside) / total_time,
     }
+    for name, p in phases.items():
+        p["peak_gib_generator_iter"] = peak(name, "generator")
+        p["peak_gib_other_iter"] = peak(name, "other")
     memory = dict(raw["memory"])
     if "peak_allocated_gib_per_gpu" in memory:
         memory["peak_allocated_gib"] = max(memory["peak_allocated_gib_per_gpu"])
         memory["peak_reserved_gib"] = max(memory["peak_reserved_gib_per_gpu"])
+    # where the window's peak is reached (ties: a named phase before the stretches between phases)
+    candidates = [
+        (p[f"peak_gib_{kind}_iter"], name == UNATTRIBUTED, _phase_order(name), name, kind)
+        for name, p in phases.items()
+        for kind in ITER_KINDS
+        if p[f"peak_gib_{kind}_iter"] is not None
+    ]
+    if candidates:
+        gib, _, _, name, kind = min(candidates, key=lambda c: (-c[0], c[1], c[2]))
+        memory["peak_phase"] = {"phase": name, "iterations": kind, "gib": gib}
     out = {
         "generator_period": period,
         "warmup_iterations": raw["warmup_ks"],
@@ -755,6 +802,12 @@ def result_row(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _peak_cell(p: dict[str, Any]) -> str:
+    """``gen / other`` peak GiB of a phase row; ``-`` for a kind of iteration it does not run in."""
+    cells = [p.get(f"peak_gib_{kind}_iter") for kind in ITER_KINDS]
+    return " / ".join("-" if x is None else f"{x:.1f}" for x in cells)
+
+
 def format_result(r: dict[str, Any]) -> str:
     """The main table, the phase table and the notes of one result."""
     sec = r["sec_per_iter"]
@@ -776,8 +829,14 @@ def format_result(r: dict[str, Any]) -> str:
             "peak GiB/GPU: no GPU; host RSS is the process's maximum resident memory over its lifetime."
         )
     else:
+        where = ""
+        if mem.get("peak_phase"):
+            at = mem["peak_phase"]
+            place = "outside phases" if at["phase"] == UNATTRIBUTED else f"in {at['phase']}"
+            where = f"; peak {at['gib']:.1f} GiB {place} ({at['iterations']} iterations)"
         lines.append(
-            "peak GiB/GPU: torch.cuda.max_memory_allocated after warm-up, max over GPUs (reserved in brackets)."
+            "peak GiB/GPU: torch.cuda.max_memory_allocated after warm-up, max over GPUs (reserved in brackets)"
+            f"{where}."
         )
     if r.get("flops"):
         f = r["flops"]
@@ -793,6 +852,10 @@ def format_result(r: dict[str, Any]) -> str:
             f"other {_fmt((f['model_per_other_iter'] or 0) / 1e12)}). {rate}"
         )
     if r.get("phases"):
+        # per-phase peaks are known when any phase has one (not on a CPU, nor in results from before them)
+        known = any(
+            p.get(f"peak_gib_{kind}_iter") is not None for p in r["phases"].values() for kind in ITER_KINDS
+        )
         rows = []
         for name, p in r["phases"].items():
             rows.append(
@@ -801,10 +864,16 @@ def format_result(r: dict[str, Any]) -> str:
                     _fmt(p["ms_generator_iter"], ".1f"),
                     _fmt(p["ms_other_iter"], ".1f"),
                     f"{100 * p['share']:.1f}%",
+                    _peak_cell(p) if known else "n/a",
                 ]
             )
         lines += ["", _table(PHASE_COLUMNS, rows)]
         lines.append("ms: mean per iteration of each kind (rank 0); share: of the measured window's time.")
+        if known:
+            lines.append(
+                "peak GiB: torch.cuda.max_memory_allocated within the phase (outside phases: between them), "
+                "largest over the window's iterations of each kind and over GPUs; - where it does not run."
+            )
     if r.get("profile"):
         prof = r["profile"]
         rows = profile_rows(prof["phases"])

@@ -3,27 +3,39 @@ phase printed with measured values, FLOPs from the counter, and the GPU-count pl
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import re
 import sys
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from senseflow.bench import (
     FLOPS_CONVENTION,
+    GIB,
     PHASE_COLUMNS,
     PROFILE_COLUMNS,
     RECIPES,
+    RESULTS_DIR,
     TABLE_COLUMNS,
     UNATTRIBUTED,
     RecomputeTracker,
+    add_rates,
     bench_overrides,
     config_path,
     fit_memory,
+    format_result,
+    load_results,
+    phase_peaks,
+    run_benchmark,
+    summarize,
 )
 from senseflow.config import load_config
+from senseflow.profiling import OUTSIDE_PHASES, PeakTracker, PhaseTimer
 
 from .conftest import REPO, run_cmd
 
@@ -70,6 +82,10 @@ def check_run(stdout: str, result: dict, phases: set[str], period: int) -> None:
     for name in phases:
         assert all(re.fullmatch(NUM, c) for c in rows[name][1:3]), rows[name]
         assert re.fullmatch(rf"{NUM}%", rows[name][3])
+    # no GPU: no peak memory per phase, in the table or the JSON
+    assert {r[4] for r in rows.values()} == {"n/a"}, rows
+    assert all(p["peak_gib_generator_iter"] is None for p in result["phases"].values())
+    assert "phase_peak_gib_per_gpu" not in result["memory"] and "peak_phase" not in result["memory"]
     assert float(rows["gen_backward_step"][1]) > 0 and float(rows["gen_backward_step"][2]) == 0
     assert float(rows["fake_step"][1]) > 0 and float(rows["fake_step"][2]) > 0
 
@@ -226,3 +242,366 @@ def test_bench_inference_tiny(tiny_cache, tmp_path, recipe, teacher):
         assert row["median_s"] == pytest.approx(sorted(row["times_s"])[0] / 2 + sorted(row["times_s"])[1] / 2)
         assert row["images_per_s"] == pytest.approx(batch / row["median_s"])
         assert re.search(rf"\| {impl} \| {batch} \| {NUM} \| {NUM} \|", r.stdout), r.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# Peak device memory per phase (no GPU here: the caching allocator's counters are faked)
+
+
+class FakeAllocator:
+    """The caching allocator's peak counters as :class:`PeakTracker` reads them, driven by hand (bytes):
+    a reset sets the peaks to what is held now; freed memory stays reserved (cached) until emptied."""
+
+    def __init__(self, held: int = 0):
+        self.allocated = self.peak = self.reserved = self.peak_reserved = held
+        self.devices: list[torch.device] = []
+
+    def malloc(self, n: int) -> None:
+        self.allocated += n
+        self.peak = max(self.peak, self.allocated)
+        self.reserved = max(self.reserved, self.allocated)
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+
+    def free(self, n: int) -> None:
+        self.allocated -= n
+
+    def spike(self, n: int) -> None:
+        self.malloc(n)
+        self.free(n)
+
+    def empty_cache(self) -> None:
+        self.reserved = self.allocated
+
+    def max_allocated(self, device) -> int:
+        self.devices.append(device)
+        return self.peak
+
+    def max_reserved(self, device) -> int:
+        self.devices.append(device)
+        return self.peak_reserved
+
+    def reset(self, device) -> None:
+        self.devices.append(device)
+        self.peak, self.peak_reserved = self.allocated, self.reserved
+
+    def tracker(self) -> PeakTracker:
+        return PeakTracker(torch.device("cuda", 0), self.max_allocated, self.max_reserved, self.reset)
+
+
+def test_peak_tracker_phases():
+    alloc = FakeAllocator(held=100)
+    t = alloc.tracker()
+    t.enter()
+    alloc.spike(20)
+    t.exit("a")
+    t.enter()
+    alloc.spike(5)
+    t.exit("b")
+    for n in (30, 10):  # "a" again: its largest peak is kept, a lower one does not replace it
+        t.enter()
+        alloc.spike(n)
+        t.exit("a")
+    alloc.malloc(7)  # held across the next phase: part of its peak
+    t.enter()
+    t.exit("c")
+    alloc.free(7)
+    assert t.collect() == {"a": 130, "b": 105, "c": 107, OUTSIDE_PHASES: 107}
+    # collect starts afresh: nothing ran since, the outside stretch holds the base only
+    assert t.collect() == {OUTSIDE_PHASES: 100}
+    assert set(alloc.devices) == {torch.device("cuda", 0)}
+
+
+@pytest.mark.parametrize("where", ["before", "between", "after"])
+def test_peak_tracker_outside_phases(where):
+    """The stretches before the first phase, between two and after the last count as outside phases."""
+    alloc = FakeAllocator(held=100)
+    t = alloc.tracker()
+    if where == "before":
+        alloc.spike(50)
+    t.enter()
+    alloc.spike(10)
+    t.exit("a")
+    if where == "between":
+        alloc.spike(50)
+    t.enter()
+    alloc.spike(20)
+    t.exit("b")
+    if where == "after":
+        alloc.spike(50)
+    assert t.collect() == {"a": 110, "b": 120, OUTSIDE_PHASES: 150}
+
+
+def test_peak_tracker_reserved_and_clear():
+    alloc = FakeAllocator(held=100)
+    t = alloc.tracker()
+    t.enter()
+    alloc.spike(60)  # reserves 160
+    t.exit("a")
+    alloc.empty_cache()  # back to 100 reserved: the device's counter forgets 160 at the next reset
+    t.enter()
+    alloc.spike(10)
+    t.exit("b")
+    assert t.collect() == {"a": 160, "b": 110, OUTSIDE_PHASES: 100}
+    assert t.reserved == 160 and alloc.peak_reserved == 110  # the largest over all readings
+    t.collect()
+    assert t.reserved == 160  # collect keeps the reserved peak
+    t.enter()
+    alloc.spike(5)
+    t.exit("x")
+    alloc.spike(70)  # outside phases, never read
+    alloc.empty_cache()
+    t.clear()
+    assert t.reserved == 0 and t.peaks == {} and t.outside == 0
+    # the device's counters were reset too: the 70 above is not read as outside the phases
+    assert t.collect() == {OUTSIDE_PHASES: 100} and t.reserved == 100
+
+
+def _patch_cuda_counters(monkeypatch, alloc: FakeAllocator) -> None:
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", alloc.max_allocated)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", alloc.max_reserved)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", alloc.reset)
+
+
+def test_peak_tracker_defaults_read_torch_cuda(monkeypatch):
+    """Without injected counters the tracker and a CUDA PhaseTimer read torch.cuda's, at each call."""
+    alloc = FakeAllocator(held=100)
+    t = PeakTracker(torch.device("cuda", 1))  # built before the patch: the functions are looked up late
+    timer = PhaseTimer(torch.device("cuda", 1))
+    _patch_cuda_counters(monkeypatch, alloc)
+    t.enter()
+    alloc.spike(40)
+    t.exit("a")
+    assert t.collect() == {"a": 140, OUTSIDE_PHASES: 100}
+    assert set(alloc.devices) == {torch.device("cuda", 1)}
+
+    assert timer.collect_memory() == {}  # memory not set
+    timer.memory = True
+    alloc.spike(500)
+    timer.reset_memory()  # forgets the spike before it
+    alloc.spike(3)
+    assert timer.collect_memory() == {OUTSIDE_PHASES: 103} and timer.peak_reserved == 600
+
+
+def test_phase_timer_memory_on_cpu(monkeypatch):
+    """On a CPU, ``memory`` records nothing and never calls into torch.cuda; phases are still timed."""
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("torch.cuda called on a CPU timer")
+
+    for name in ("max_memory_allocated", "max_memory_reserved", "reset_peak_memory_stats", "synchronize"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    timer = PhaseTimer(torch.device("cpu"), enabled=True)
+    timer.memory = True
+    timer.reset_memory()
+    for name in ("a", "b", "a"):
+        with timer.phase(name):
+            torch.ones(64).sum()
+    assert timer.collect_memory() == {} and timer.peak_reserved == 0
+    times = timer.collect()
+    assert set(times) == {"a", "b"} and all(v >= 0 for v in times.values())
+
+
+def test_phase_peaks():
+    records = [
+        {"generator": False, "peak_bytes": {"fake_step": 3 * GIB, OUTSIDE_PHASES: GIB}},
+        {"generator": True, "peak_bytes": {"fake_step": 2 * GIB, "gen_backward_step": 5 * GIB}},
+        {"generator": False, "peak_bytes": {"fake_step": 4 * GIB, OUTSIDE_PHASES: GIB // 2}},
+        {"generator": False, "peak_bytes": {}},  # a CPU run
+        {"generator": True},  # a record from before peak_bytes
+    ]
+    assert phase_peaks(records) == {
+        "generator": {"fake_step": 2.0, "gen_backward_step": 5.0},
+        "other": {"fake_step": 4.0, OUTSIDE_PHASES: 1.0},
+    }
+    assert phase_peaks(records[3:]) == {"generator": {}, "other": {}}
+
+
+class _FakeEvent:
+    """torch.cuda.Event on the host clock."""
+
+    def __init__(self, enable_timing: bool = False):
+        self.t = None
+
+    def record(self, stream=None) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: _FakeEvent) -> float:
+        return 1000 * (end.t - self.t)
+
+
+class _FakeGpuEngine:
+    """What run_benchmark drives, on a 'GPU' whose allocator is a FakeAllocator (GiB): 2 held; each
+    iteration 1 more in text_encode, 0.5 between phases, 5 in fake_step (3 in a generator iteration) and 8
+    in gen_backward_step; the warm-up iteration also spikes 50 GiB (outside the measured window)."""
+
+    def __init__(self, alloc: FakeAllocator, period: int = 2):
+        self.alloc = alloc
+        self.device = torch.device("cuda", 0)
+        self.d = SimpleNamespace(generator_period=period)
+        self.timer = PhaseTimer(self.device)
+        self.loader = [{"prompt": ["a"]}] * 10
+        self.rng = SimpleNamespace(state_dict=lambda: {})
+        net = torch.nn.Linear(1, 1)
+        self.G = self.F = SimpleNamespace(net=net, opt=SimpleNamespace(state={}))
+        self.teacher = net
+        self.warmup_ks: list[int] = []
+
+    def run_iteration(self, k: int, batch: dict) -> dict:
+        a, phase, gen = self.alloc, self.timer.phase, k % self.d.generator_period == 0
+        if not self.timer.memory:  # the warm-up
+            self.warmup_ks.append(k)
+            a.spike(50 * GIB)
+        with phase("text_encode"):
+            a.spike(GIB)
+        a.spike(GIB // 2)
+        with phase("fake_step"):
+            a.spike((3 if gen else 5) * GIB)
+        if gen:
+            with phase("gen_backward_step"):
+                a.spike(8 * GIB)
+        return {}
+
+
+@pytest.fixture
+def fake_gpu_raw(monkeypatch):
+    """run_benchmark's raw output of a 'GPU' run (1 warm-up iteration, one TTUR period of 2)."""
+    alloc = FakeAllocator(held=2 * GIB)
+    _patch_cuda_counters(monkeypatch, alloc)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    engine = _FakeGpuEngine(alloc)
+    raw = run_benchmark(engine, warmup=1, iters=2, flops=False)
+    assert engine.warmup_ks == [2] and not engine.timer.memory  # memory tracked in the window only
+    return raw
+
+
+def test_run_benchmark_phase_peaks(fake_gpu_raw):
+    raw = fake_gpu_raw
+    other, gen = raw["records"]
+    assert (other["k"], other["generator"], gen["k"], gen["generator"]) == (3, False, 4, True)
+    half = GIB // 2
+    assert other["peak_bytes"] == {
+        "text_encode": 3 * GIB,
+        "fake_step": 7 * GIB,
+        OUTSIDE_PHASES: 2 * GIB + half,
+    }
+    assert gen["peak_bytes"] == {
+        "text_encode": 3 * GIB,
+        "fake_step": 5 * GIB,
+        "gen_backward_step": 10 * GIB,
+        OUTSIDE_PHASES: 2 * GIB + half,
+    }
+    assert set(gen["phases"]) == {"text_encode", "fake_step", "gen_backward_step"}
+    mem = raw["memory"]
+    # the window's peak is the largest phase peak; the warm-up's 50 GiB spike is out of it, but the
+    # memory it left cached stays reserved
+    assert mem["peak_allocated_gib_per_gpu"] == [10.0] and mem["peak_reserved_gib_per_gpu"] == [52.0]
+    assert mem["phase_peak_gib_per_gpu"] == [
+        {
+            "generator": {
+                "text_encode": 3.0,
+                "fake_step": 5.0,
+                "gen_backward_step": 10.0,
+                OUTSIDE_PHASES: 2.5,
+            },
+            "other": {"text_encode": 3.0, "fake_step": 7.0, OUTSIDE_PHASES: 2.5},
+        }
+    ]
+
+
+def _two_rank_result(raw: dict, rank1: dict) -> dict:
+    """``raw`` as if a second GPU had measured ``rank1`` (phase peaks, GiB), summarised with metadata."""
+    raw = copy.deepcopy(raw)
+    mem = raw["memory"]
+    mem["phase_peak_gib_per_gpu"].append(rank1)
+    mem["peak_allocated_gib_per_gpu"].append(max(v for p in rank1.values() for v in p.values()))
+    mem["peak_reserved_gib_per_gpu"].append(40.0)
+    for key in ("sharded_state_gib_per_gpu", "host_max_rss_gib_per_process"):
+        mem[key].append(mem[key][0])
+    result = {
+        "recipe": "sd35_medium",
+        "tiny": False,
+        "world_size": 2,
+        "device_name": "NVIDIA H200",
+        "resolution": 1024,
+        "batch_size_per_gpu": 1,
+        **summarize(raw),
+    }
+    add_rates(result, 989.0)
+    return result
+
+
+def test_summarize_and_format_phase_peaks(fake_gpu_raw):
+    rank1 = {
+        "generator": {"text_encode": 3.5, "fake_step": 4.0, "gen_backward_step": 9.0, OUTSIDE_PHASES: 2.0},
+        "other": {"text_encode": 3.5, "fake_step": 8.0, OUTSIDE_PHASES: 2.0},
+    }
+    r = _two_rank_result(fake_gpu_raw, rank1)
+    # per phase and kind of iteration the largest over the two GPUs; None where a phase does not run
+    peaks = {
+        name: (p["peak_gib_generator_iter"], p["peak_gib_other_iter"]) for name, p in r["phases"].items()
+    }
+    assert peaks == {
+        "text_encode": (3.5, 3.5),
+        "fake_step": (5.0, 8.0),
+        "gen_backward_step": (10.0, None),
+        UNATTRIBUTED: (2.5, 2.5),
+    }
+    mem = r["memory"]
+    assert mem["peak_phase"] == {"phase": "gen_backward_step", "iterations": "generator", "gib": 10.0}
+    assert mem["peak_allocated_gib"] == 10.0 and mem["peak_reserved_gib"] == 52.0
+
+    text = format_result(r)
+    rows = {row[0]: row for row in table_rows(text, PHASE_COLUMNS)}
+    cells = {name: row[PHASE_COLUMNS.index("peak GiB gen / other")] for name, row in rows.items()}
+    assert cells == {
+        "text_encode": "3.5 / 3.5",
+        "fake_step": "5.0 / 8.0",
+        "gen_backward_step": "10.0 / -",
+        UNATTRIBUTED: "2.5 / 2.5",
+    }
+    assert "; peak 10.0 GiB in gen_backward_step (generator iterations)." in text
+    assert "peak GiB: torch.cuda.max_memory_allocated within the phase" in text
+    (row,) = table_rows(text, TABLE_COLUMNS)
+    assert row[TABLE_COLUMNS.index("peak GiB/GPU")] == "10.0 (52.0 rsv)"
+    # as written by --out and read back by --show
+    assert format_result(json.loads(json.dumps(r))) == text
+
+
+def test_peak_phase_ties_and_outside(fake_gpu_raw):
+    """A tie goes to the named phase; a peak between phases is reported as outside them."""
+    rank1 = {"generator": {OUTSIDE_PHASES: 1.0}, "other": {OUTSIDE_PHASES: 10.0}}
+    r = _two_rank_result(fake_gpu_raw, rank1)
+    assert r["memory"]["peak_phase"] == {"phase": "gen_backward_step", "iterations": "generator", "gib": 10.0}
+    rank1["other"][OUTSIDE_PHASES] = 10.5
+    r = _two_rank_result(fake_gpu_raw, rank1)
+    assert r["memory"]["peak_phase"] == {"phase": UNATTRIBUTED, "iterations": "other", "gib": 10.5}
+    assert r["memory"]["peak_allocated_gib"] == 10.5
+    text = format_result(r)
+    assert "; peak 10.5 GiB outside phases (other iterations)." in text
+
+
+SHIPPED_RESULTS = sorted(RESULTS_DIR.glob("*.json"))
+
+
+def test_shipped_bench_results_exist():
+    assert len([p for p in SHIPPED_RESULTS if p.name.startswith("bench_")]) >= 10
+
+
+@pytest.mark.parametrize("path", SHIPPED_RESULTS, ids=[p.name for p in SHIPPED_RESULTS])
+def test_shipped_results_format(path):
+    """Results stored before the per-phase peaks read back (as ``--show`` does) and format, ``n/a`` in
+    the peak column; results with them show ``gen / other`` GiB."""
+    (r,) = load_results([str(path)])
+    text = format_result(r)
+    if not r["phases"]:  # transcribed results (not bench_*.json) carry no phase breakdown
+        assert not path.name.startswith("bench_") and "| phase |" not in text
+        return
+    rows = table_rows(text, PHASE_COLUMNS)
+    assert [row[0] for row in rows] == list(r["phases"])
+    column = [row[PHASE_COLUMNS.index("peak GiB gen / other")] for row in rows]
+    if "phase_peak_gib_per_gpu" not in r["memory"]:
+        assert set(column) == {"n/a"}, column
+        assert "within the phase" not in text and "peak_phase" not in r["memory"]
+    else:
+        assert all(re.fullmatch(r"(\d+\.\d|-) / (\d+\.\d|-)", c) for c in column), column
