@@ -79,6 +79,26 @@ class ModelConfig:
     full size). Eager blocks dispatch thousands of small operators per pass, so at one 1024-px image per
     GPU the host, not the GPU, sets the pace (``python -m senseflow.bench --profile``). Same arithmetic
     up to fused-kernel rounding."""
+    fsdp_blocks_per_unit: int = 1
+    """Consecutive transformer blocks that form one FSDP2 unit of the generator, fake score and teacher (and
+    of the text encoders' layers under ``model.shard_text_encoders``). A unit's parameters are all-gathered
+    in one collective before its first block runs and freed after its last, and its gradients are
+    reduce-scattered in one collective: FSDP2's work per unit (collectives, their buffers and stream
+    synchronisation, the hooks' bookkeeping) is paid once per unit instead of once per block, while its
+    work per parameter (copies into and out of the collectives' buffers, casts to the compute dtype,
+    swapping the registered parameters) stays. Measured on a CPU (gloo, one process, 24 tiny SD3 blocks,
+    forward and backward; the copies run on the host there): FSDP2 added 42 ms to 43 ms of fp32 compute with
+    one block per unit and 34 ms with 8 (about a quarter of its host time is per unit); with the bf16
+    policy there was no gain (143, 138, 149, 180 ms at 1, 2, 4, 8 blocks per unit). On 2 x H200 (SD3.5
+    Medium, compiled, all memory options; ``benchmarks/NOTES.md``) 2 blocks per unit gave no speed gain
+    (non-generator iterations 1.00 against 0.97 s) at the same 46.4 GiB peak; it is meant for slower
+    interconnects (several nodes), where fewer, larger collectives pay. The cost is memory: a unit of n blocks holds the unsharded parameters (in backward
+    also the unsharded gradients) of n blocks at once, about n times the per-block working set, and twice
+    that while the next unit is prefetched. Blocks with a precision of their own (DMD2's classifier head)
+    stay units of their own, SDXL's up blocks start a new unit, and the last unit may be shorter. Same
+    losses and updates up to the summation order of some gradients; parameter names, state dicts and
+    checkpoints unchanged. 1 is one unit per block (the previous behaviour); the discriminator heads stay
+    one unit each."""
     cudnn_benchmark: bool = False
     """Let cuDNN time its convolution algorithms on the first call of each shape and keep the fastest
     (``torch.backends.cudnn.benchmark``). Training shapes are fixed (one resolution, one batch size), so
@@ -240,17 +260,20 @@ class OptimizerConfig:
     copies per generator step. Measured (SD3.5 Medium, ``benchmarks/NOTES.md``): 86.2 instead of 91.4 GiB
     on 1 x H200; 46.4 GiB per GPU on 2 x H200 with the other memory options. Same updates. Needs
     ``optimizer.name=adamw``."""
-    offload_fake_state: bool = False
-    """Keep the fake score's AdamW states in pinned host memory between its steps, as
-    ``offload_generator_state`` does for the generator (same mechanism, same ``offload_step_chunks``). The
-    fake score steps every iteration, so this trades 8 bytes per fake-score parameter divided by the number
-    of GPUs (SD3.5 Medium: 8.3 GiB per GPU on 2 GPUs) for two host-device copies of that size per
-    iteration (predicted about 0.35 s per iteration over PCIe Gen5 on 2 x H200); for when the memory goal
-    matters more than speed. Same updates. Needs ``optimizer.name=adamw``."""
+    offload_fake_state: str = "none"
+    """Where the fake score's AdamW states (8 bytes per parameter divided by the number of GPUs; SD3.5 Medium:
+    8.3 GiB per GPU on 2 GPUs) go to pinned host memory (``senseflow/offload.py``). ``none``: they stay on
+    the GPU. ``generator_step``: only while the generator computes its losses, backward and step (one
+    iteration in ``distill.generator_period``), which is where the peak of SD3.5 Medium lies on 2 x H200
+    (``python -m senseflow.bench`` names the phase): two copies per generator iteration. ``between_steps``:
+    everywhere except the fake score's own step, as ``offload_generator_state`` does for the generator
+    (stepped in ``offload_step_chunks`` parts); two copies every iteration. Measured on 2 x H200 (SD3.5
+    Medium, compiled, with the other memory options): ``between_steps`` 38.0 GiB at 1.67 s/it against
+    46.4 GiB at 1.07 s/it without. Same updates. Needs ``optimizer.name=adamw``."""
     offload_step_chunks: int = 4
-    """With ``offload_generator_state`` or ``offload_fake_state``: the net steps its parameters in this many
-    consecutive parts, each with only its own AdamW states on the GPU, so its gradients and all its states
-    are never on the GPU together (the step's extra memory shrinks from 8 to 8/chunks bytes per parameter and GPU). Same
+    """With ``offload_generator_state`` or ``offload_fake_state=between_steps``: the net steps its
+    parameters in this many consecutive parts, each with only its own AdamW states on the GPU, so its
+    gradients and all its states are never on the GPU together (the step's extra memory shrinks from 8 to 8/chunks bytes per parameter and GPU). Same
     updates as one step; 1 loads all states at once. On 2 x H200 (SD3.5 Medium, all memory options) the
     peak stayed at 46.4 GiB with 4 parts: that peak lies outside the generator's optimiser step."""
 
@@ -435,6 +458,7 @@ class Config:
 
 
 DTYPES = ("bf16", "fp16", "fp32")
+OFFLOAD_FAKE_MODES = ("none", "generator_step", "between_steps")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -561,6 +585,8 @@ def validate(cfg: Config, source: str = "config") -> None:
 
     if cfg.model.family not in ("sd3", "flux", "sdxl"):
         fail("model.family", f"unknown family {cfg.model.family!r} (supported: sd3, flux, sdxl)")
+    if cfg.model.fsdp_blocks_per_unit < 1:
+        fail("model.fsdp_blocks_per_unit", "must be >= 1")
     if not cfg.paths.pretrained_model:
         fail("paths.pretrained_model", "is empty; set it to the teacher folder (diffusers layout)")
     if cfg.paths.pretrained_model.strip().startswith("arch:") and not cfg.model.random_init:
@@ -631,8 +657,10 @@ def validate(cfg: Config, source: str = "config") -> None:
         fail("optimizer.name", "must be adamw or adamw8bit")
     if cfg.optimizer.offload_step_chunks < 1:
         fail("optimizer.offload_step_chunks", "must be >= 1")
+    if cfg.optimizer.offload_fake_state not in OFFLOAD_FAKE_MODES:
+        fail("optimizer.offload_fake_state", f"must be one of {', '.join(OFFLOAD_FAKE_MODES)}")
     for key in ("offload_generator_state", "offload_fake_state"):
-        if getattr(cfg.optimizer, key) and cfg.optimizer.name != "adamw":
+        if getattr(cfg.optimizer, key) not in (False, "none") and cfg.optimizer.name != "adamw":
             fail(f"optimizer.{key}", "works with optimizer.name=adamw only (8-bit states are not moved)")
     if (
         cfg.compat.generator_fp32_when_no_grad

@@ -167,17 +167,15 @@ class Engine:
         logger.info("built generator, fake score and teacher in %.1fs", time.time() - t0)
         self.G = self._trainee(generator)
         self.F = self._trainee(fake)
-        for t, label, wanted in (
-            (self.G, "generator", cfg.optimizer.offload_generator_state),
-            (self.F, "fake score", cfg.optimizer.offload_fake_state),
-        ):
-            if wanted:
-                t.offload = StateOffload(
-                    t.opt,
-                    pin=self.device.type == "cuda",
-                    label=label,
-                    chunks=cfg.optimizer.offload_step_chunks,
-                )
+        pin, chunks = self.device.type == "cuda", cfg.optimizer.offload_step_chunks
+        if cfg.optimizer.offload_generator_state:
+            self.G.offload = StateOffload(self.G.opt, pin, "generator", chunks)
+        if cfg.optimizer.offload_fake_state == "between_steps":
+            self.F.offload = StateOffload(self.F.opt, pin, "fake score", chunks)
+        # optimizer.offload_fake_state=generator_step: F's states are away during G's losses and step only
+        self.park_fake = None
+        if cfg.optimizer.offload_fake_state == "generator_step":
+            self.park_fake = StateOffload(self.F.opt, pin, "fake score", when="during generator steps")
         self.disc, self.D = self._build_discriminator()
 
         grid = torch.tensor(self.d.anchors, dtype=torch.long)
@@ -550,6 +548,16 @@ class Engine:
         under ``compat.flux_bf16_sigma``). Returns the detached sample, its decoded image (None without
         discriminator) and metrics.
         """
+        if self.park_fake is None:
+            return self._generator_step(x_in, level, cond_level, anchor_idx, cond, uncond, adv)
+        self.park_fake.offload()
+        try:
+            return self._generator_step(x_in, level, cond_level, anchor_idx, cond, uncond, adv)
+        finally:
+            self.park_fake.load()
+
+    def _generator_step(self, x_in, level, cond_level, anchor_idx, cond, uncond, adv):
+        """:meth:`generator_step` with the fake score's states wherever they are."""
         d, phase = self.d, self.timer.phase
         with phase("gen_forward"):
             pred = self._gen_pred(x_in, cond_level, cond, grad=True)

@@ -46,13 +46,22 @@ class StateOffload:
         opt: the optimiser; its states may be created or replaced at any time (first step, resume).
         pin: page-locked host buffers, for asynchronous copies (CUDA).
         label: names the optimiser in the log line of the first offload.
+        when: says in that line when the states are away.
         chunks: parts of the parameters :meth:`step` updates one after the other.
     """
 
-    def __init__(self, opt: torch.optim.Optimizer, pin: bool, label: str = "", chunks: int = 1) -> None:
+    def __init__(
+        self,
+        opt: torch.optim.Optimizer,
+        pin: bool,
+        label: str = "",
+        chunks: int = 1,
+        when: str = "between steps",
+    ) -> None:
         self.opt = opt
         self.pin = pin
         self.label = label
+        self.when = when
         self.chunks = chunks
         self._announced = False
         self._host: dict[tuple[int, str], torch.Tensor] = {}  # (parameter index, state key) -> buffer
@@ -105,9 +114,10 @@ class StateOffload:
         if self._away and not self._announced:
             self._announced = True
             logger.info(
-                "%s optimiser states: %.2f GiB on this device moved to host memory between steps%s",
+                "%s optimiser states: %.2f GiB on this device moved to host memory %s%s",
                 self.label,
                 self.offloaded_bytes / 2**30,
+                self.when,
                 f" (stepped in {self.chunks} parts)" if self.chunks > 1 else "",
             )
 

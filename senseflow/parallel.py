@@ -1,8 +1,8 @@
 """FSDP2 sharding and memory-lean materialisation of the three transformers (spec §12.5).
 
 ``G``, ``F`` and the frozen teacher ``T`` are each sharded with ``fully_shard`` per transformer block
-and then at the root (torchtitan style; the original wrapped every submodule, which issues far more,
-smaller all-gathers). Trained nets keep fp32 master weights and compute in the configured dtype
+(or per group of ``model.fsdp_blocks_per_unit`` consecutive blocks) and then at the root (torchtitan
+style; the original wrapped every submodule, which issues far more, smaller all-gathers). Trained nets keep fp32 master weights and compute in the configured dtype
 through FSDP2's mixed-precision policy; the teacher is stored in its own dtype and needs no policy.
 
 Models are built on the meta device on every rank and filled from a full state dict that only rank 0
@@ -51,8 +51,46 @@ def mixed_precision_policy(compute: str) -> MixedPrecisionPolicy | None:
     return MixedPrecisionPolicy(param_dtype=DTYPE[compute], reduce_dtype=torch.float32)
 
 
-def shard(model: nn.Module, blocks: Iterable[nn.Module], mp_policy: MixedPrecisionPolicy | None) -> nn.Module:
-    """``fully_shard`` each block, then the root (which takes the remaining parameters).
+def group_blocks(
+    blocks: Iterable[nn.Module], per_unit: int, unit_starts: Iterable[nn.Module] = ()
+) -> list[list[nn.Module]]:
+    """Consecutive ``blocks`` (in their order) in groups of up to ``per_unit``, each group one FSDP2 unit;
+    the last group may be shorter. A block marked ``fsdp_compute_fp32`` is a group of its own (it has its
+    own mixed-precision policy), and a block in ``unit_starts`` begins a new group."""
+    if per_unit < 1:
+        raise ValueError(f"per_unit must be >= 1, got {per_unit}")
+    starts = {id(b) for b in unit_starts}
+    groups: list[list[nn.Module]] = []
+    current: list[nn.Module] = []
+    for block in blocks:
+        alone = getattr(block, "fsdp_compute_fp32", False)
+        if current and (alone or id(block) in starts or len(current) == per_unit):
+            groups.append(current)
+            current = []
+        current.append(block)
+        if alone:
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    return groups
+
+
+def shard(
+    model: nn.Module,
+    blocks: Iterable[nn.Module],
+    mp_policy: MixedPrecisionPolicy | None,
+    *,
+    blocks_per_unit: int = 1,
+    unit_starts: Iterable[nn.Module] = (),
+) -> nn.Module:
+    """``fully_shard`` each block, or each group of ``blocks_per_unit`` consecutive blocks (see
+    :func:`group_blocks`), then the root (which takes the remaining parameters).
+
+    A group is one ``fully_shard([block, ...])`` call (list support since torch 2.6): one all-gather
+    before its first block's forward, one reduce-scatter after its backward, parameter names unchanged.
+    FSDP2 expects the modules of a group to run forward together in every pass: a forward that runs
+    only some blocks must end at a group boundary (``unit_starts``).
 
     Only the root casts its floating-point inputs to the compute dtype. Blocks keep their inputs as
     they are (the engine computes under autocast): FSDP2 skips the cast when activation checkpointing
@@ -64,11 +102,24 @@ def shard(model: nn.Module, blocks: Iterable[nn.Module], mp_policy: MixedPrecisi
     if mp_policy is not None:
         block_policy = dataclasses.replace(mp_policy, cast_forward_inputs=False)
         fp32_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
-    for block in blocks:
-        policy = fp32_policy if getattr(block, "fsdp_compute_fp32", False) else block_policy
-        fully_shard(block, **({"mp_policy": policy} if policy is not None else {}))
+    for group in group_blocks(blocks, blocks_per_unit, unit_starts):
+        policy = fp32_policy if getattr(group[0], "fsdp_compute_fp32", False) else block_policy
+        fully_shard(
+            group[0] if len(group) == 1 else group, **({"mp_policy": policy} if policy is not None else {})
+        )
     fully_shard(model, **({"mp_policy": mp_policy} if mp_policy is not None else {}))
     return model
+
+
+def fsdp_units(model: nn.Module) -> list[list[str]]:
+    """The FSDP2 units of ``model``: for each, the names of the modules sharded together (``""`` is the
+    root), in the order of ``model.named_modules()``. Grouped blocks are each an ``FSDPModule`` sharing
+    one FSDP2 state."""
+    units: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FSDPModule):
+            units.setdefault(id(fully_shard.state(module)), []).append(name)
+    return list(units.values())
 
 
 def reshard(*nets: nn.Module) -> None:
@@ -102,16 +153,20 @@ def build_sharded(
     trainable: bool,
     gradient_checkpointing: bool = False,
     compile_blocks: bool = False,
+    blocks_per_unit: int = 1,
+    unit_starts: Callable[[nn.Module], Iterable[nn.Module]] | None = None,
 ) -> nn.Module:
     """Build a model skeleton on meta, shard it, allocate local shards and load ``full_state``.
 
     Args:
         build: constructs the unsharded model (e.g. ``lambda: Cls.from_config(cfg)``).
         full_state: the complete state dict on rank 0 (any dtype/device); ignored on other ranks.
-        blocks: returns the modules to shard individually (transformer blocks).
+        blocks: returns the modules to shard individually (transformer blocks), in forward order.
         dtype: storage dtype of the parameters (fp32 master weights for trained nets).
         trainable: sets ``requires_grad`` on every parameter.
-        compile_blocks: ``torch.compile`` each block (see :func:`compile_modules`).
+        compile_blocks: ``torch.compile`` each block (see :func:`compile_modules`), also when grouped.
+        blocks_per_unit: consecutive blocks per FSDP2 unit (``model.fsdp_blocks_per_unit``).
+        unit_starts: returns the blocks that must begin a new unit (see :func:`shard`).
     """
     model = _meta_params(build)
     nn.Module.to(model, dtype)  # bypass diffusers' override, which warns about fp32-pinned modules
@@ -119,7 +174,13 @@ def build_sharded(
     if gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
         model.enable_gradient_checkpointing()
     buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
-    shard(model, blocks(model), mp_policy)
+    shard(
+        model,
+        blocks(model),
+        mp_policy,
+        blocks_per_unit=blocks_per_unit,
+        unit_starts=unit_starts(model) if unit_starts is not None else (),
+    )
     model.to_empty(device=info.device)
     for name, buf in buffers.items():
         model.get_buffer(name).copy_(buf)

@@ -93,23 +93,30 @@ def test_compiled_heads_match_eager(assets):
 def test_engine_with_compiled_blocks_and_heads(tiny_cache, tmp_path):
     """The tiny SD3.5 recipe with ``model.compile_blocks`` and ``discriminator.compile_heads`` logs the
     losses of the eager run (a generator and a fake-score iteration), and every block of the three
-    transformers and every head branch is compiled."""
+    transformers and every head branch is compiled; also with both blocks in one FSDP2 unit
+    (``model.fsdp_blocks_per_unit=2``: the blocks are compiled, not the unit)."""
+    from senseflow.parallel import fsdp_units
+
     common = ["train.log_interval=1", "distill.generator_period=2", "train.iter_num=2"]
     common += ["checkpoint.enabled=false"]
-    for name in ("eager", "compiled"):
+    names = ("eager", "compiled", "compiled_grouped")
+    for name in names:
         (tmp_path / name).mkdir()
     eager = make_engine(tmp_path / "eager", *common)
     eager.train()
-    compiled = make_engine(
-        tmp_path / "compiled", *common, "model.compile_blocks=true", "discriminator.compile_heads=true"
-    )
-    for net in (compiled.G.net, compiled.F.net, compiled.teacher):
-        blocks = compiled.adapter.blocks(net)
-        assert blocks and all(b._compiled_call_impl is not None for b in blocks)
     assert all(b._compiled_call_impl is None for b in eager.adapter.blocks(eager.G.net))
-    compiled.train()
-    runs = [_losses(_metrics(tmp_path / name)) for name in ("eager", "compiled")]
-    assert len(runs[0]) == 2 and runs[0][1].keys() == runs[1][1].keys()
-    for a, b in zip(*runs):
-        for key, value in a.items():
-            assert b[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+    compile_on = ["model.compile_blocks=true", "discriminator.compile_heads=true"]
+    for name, extra in (("compiled", []), ("compiled_grouped", ["model.fsdp_blocks_per_unit=2"])):
+        compiled = make_engine(tmp_path / name, *common, *compile_on, *extra)
+        for net in (compiled.G.net, compiled.F.net, compiled.teacher):
+            blocks = compiled.adapter.blocks(net)
+            assert len(blocks) == 2 and all(b._compiled_call_impl is not None for b in blocks)
+            assert len(fsdp_units(net)) == (2 if extra else 3), name  # the root and the block units
+        compiled.train()
+    runs = [_losses(_metrics(tmp_path / name)) for name in names]
+    assert len(runs[0]) == 2
+    for run in runs[1:]:
+        assert run[1].keys() == runs[0][1].keys()
+        for a, b in zip(runs[0], run):
+            for key, value in a.items():
+                assert b[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key

@@ -149,6 +149,7 @@ def test_overrides_types_and_inheritance():
         ("paths.pretrained_model=arch:sd35_medium", "model.random_init"),
         ("discriminator.hooks=[1, 1]", "discriminator.hooks"),
         ("data.on_error=ignore", "data.on_error"),
+        ("model.fsdp_blocks_per_unit=0", "model.fsdp_blocks_per_unit"),
     ],
 )
 def test_cross_field_errors_name_the_key(override, key):

@@ -1,5 +1,6 @@
 """The engine in-process on the tiny SD3 teacher: every compat switch does what it says, batch > 1,
-and the adversarial gradient path (spec Appendix B, §8.7, B7)."""
+and the adversarial gradient path (spec Appendix B, §8.7, B7); several blocks per FSDP2 unit on the tiny
+FLUX and SDXL teachers."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from senseflow.engine import Engine, RandomStreams
 TINY = "configs/tiny/sd35_senseflow_tiny.yaml"
 
 
-def make_engine(tmp_path, *overrides: str) -> Engine:
-    cfg = load_config(TINY, ["log.progress_bar=false", "train.image_interval=0", *overrides])
+def make_engine(tmp_path, *overrides: str, config: str = TINY) -> Engine:
+    cfg = load_config(config, ["log.progress_bar=false", "train.image_interval=0", *overrides])
     return Engine(cfg, init_distributed("cpu"), tmp_path)
 
 
@@ -169,3 +170,91 @@ def test_batch_size_above_one(tiny_cache, tmp_path):
         assert torch.isfinite(metrics[key]), key
     x_in, idx = e.generator_input(e.adapter.encode_images(next(loader)["image"], e.rng.noise), None, None, 3)
     assert x_in.shape == (3, *e.latent_shape) and idx.shape == (3,)
+
+
+# The FSDP2 units of the tiny FLUX (1 double- and 2 single-stream blocks) and SDXL (2 down blocks, the mid
+# block, 2 up blocks) transformers, root excluded, by model.fsdp_blocks_per_unit.
+FLUX_UNITS = {
+    1: [["transformer_blocks.0"], ["single_transformer_blocks.0"], ["single_transformer_blocks.1"]],
+    2: [["transformer_blocks.0", "single_transformer_blocks.0"], ["single_transformer_blocks.1"]],
+    3: [["transformer_blocks.0", "single_transformer_blocks.0", "single_transformer_blocks.1"]],
+}
+# the up blocks start a unit (DMD2's bottleneck runs the down and mid blocks only)
+SDXL_UNITS = {
+    1: [["down_blocks.0"], ["down_blocks.1"], ["mid_block"], ["up_blocks.0"], ["up_blocks.1"]],
+    2: [["down_blocks.0", "down_blocks.1"], ["mid_block"], ["up_blocks.0", "up_blocks.1"]],
+    3: [["down_blocks.0", "down_blocks.1", "mid_block"], ["up_blocks.0", "up_blocks.1"]],
+}
+
+
+def _units(net) -> list[list[str]]:
+    from senseflow.parallel import fsdp_units
+
+    return sorted(fsdp_units(net))
+
+
+def _metrics(path) -> list[dict]:
+    import json
+
+    keep = ("loss/", "grad_norm/")
+    records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k.startswith(keep)} for r in records]
+
+
+@pytest.mark.parametrize(
+    "family, config, units",
+    [
+        ("flux", "configs/tiny/flux_senseflow_tiny.yaml", FLUX_UNITS),
+        ("sdxl_dmd2", "configs/tiny/sdxl_dmd2_tiny.yaml", SDXL_UNITS),
+    ],
+)
+def test_fsdp_blocks_per_unit(tiny_cache, tmp_path, family, config, units):
+    """``model.fsdp_blocks_per_unit`` 2 and 3: the generator, fake score and teacher have the predicted
+    FSDP2 units (DMD2's fp32 classifier head a unit of its own), and three iterations (fake step, generator
+    and fake step, fake step) log the losses and gradient norms of one unit per block and end at its
+    weights (the generator's and fake score's, gathered), with the same parameter names.
+
+    FLUX: bitwise. SDXL: FSDP2 puts an identity autograd node on each unit's inputs, so with fewer units
+    the gradients reaching the UNet's skip connections and shared time embedding are summed in another
+    order (last bits; in a check, the grouped units' gradients were the closer to an unsharded UNet's);
+    AdamW's first steps move a weight whose gradient is rounding noise by about the learning rate."""
+    from senseflow.parallel import full_state_dict
+
+    common = [
+        "train.log_interval=1",
+        "distill.generator_period=2",
+        "train.iter_num=3",
+        "checkpoint.enabled=false",
+    ]
+    runs = {}
+    for n in (1, 2, 3):
+        (tmp_path / str(n)).mkdir()
+        e = make_engine(tmp_path / str(n), *common, f"model.fsdp_blocks_per_unit={n}", config=config)
+        extra = [["cls_head"]] if family == "sdxl_dmd2" else []
+        for net, more in ((e.G.net, []), (e.F.net, extra), (e.teacher, [])):
+            assert _units(net) == sorted([[""], *units[n], *more]), (n, _units(net))
+        init = {k: v.clone() for k, v in full_state_dict(e.G.net).items()}
+        init.update({f"fake.{k}": v.clone() for k, v in full_state_dict(e.F.net).items()})
+        e.train()
+        final = dict(full_state_dict(e.G.net))
+        final.update({f"fake.{k}": v for k, v in full_state_dict(e.F.net).items()})
+        runs[n] = (_metrics(tmp_path / str(n)), init, final)
+    metrics, init, final = runs[1]
+    assert len(metrics) == 3 and {"loss/dm", "loss/fake", "grad_norm/gen", "grad_norm/fake"} <= set(
+        metrics[1]
+    )
+    update = torch.cat([(final[k] - init[k]).flatten() for k in final])
+    assert update.norm() > 0
+    for n in (2, 3):
+        m, i, f = runs[n]
+        assert f.keys() == final.keys() and all(torch.equal(i[k], init[k]) for k in init), n
+        if family == "flux":
+            assert m == metrics, n
+            assert all(torch.equal(f[k], final[k]) for k in final), n
+        else:
+            for a, b in zip(metrics, m):
+                assert a.keys() == b.keys()
+                for k in a:
+                    assert b[k] == pytest.approx(a[k], rel=1e-4), (n, k)
+            diff = torch.cat([(f[k] - final[k]).flatten() for k in final])
+            assert diff.norm() < 1e-2 * update.norm(), (n, diff.norm() / update.norm())

@@ -118,7 +118,7 @@ def test_needs_plain_adamw(tiny_cache):
     with pytest.raises(ConfigError, match="optimizer.offload_generator_state"):
         load_config(TINY, ["optimizer.offload_generator_state=true", "optimizer.name=adamw8bit"])
     with pytest.raises(ConfigError, match="optimizer.offload_fake_state"):
-        load_config(TINY, ["optimizer.offload_fake_state=true", "optimizer.name=adamw8bit"])
+        load_config(TINY, ["optimizer.offload_fake_state=between_steps", "optimizer.name=adamw8bit"])
     with pytest.raises(ConfigError, match="optimizer.offload_step_chunks"):
         load_config(TINY, ["optimizer.offload_generator_state=true", "optimizer.offload_step_chunks=0"])
 
@@ -147,7 +147,7 @@ def test_engine_trains_the_same_and_resumes(tiny_cache, tmp_path, caplog):
             *common,
             "checkpoint.enabled=false",
             "optimizer.offload_generator_state=true",
-            "optimizer.offload_fake_state=true",
+            "optimizer.offload_fake_state=between_steps",
         )
         off.train()
     # logged once, after the whole first step (all parts), with the default 4 parts
@@ -169,7 +169,7 @@ def test_engine_trains_the_same_and_resumes(tiny_cache, tmp_path, caplog):
         "checkpoint.enabled=true",
         "train.save_interval=2",
         "optimizer.offload_generator_state=true",
-        "optimizer.offload_fake_state=true",
+        "optimizer.offload_fake_state=between_steps",
     ]
     make_engine(tmp_path / "split", *split, "train.iter_num=2").train()
     resumed = make_engine(tmp_path / "split", *split, "train.iter_num=4")
@@ -178,6 +178,44 @@ def test_engine_trains_the_same_and_resumes(tiny_cache, tmp_path, caplog):
     assert resumed.G.offload.offloaded_bytes > 0 and resumed.F.offload.offloaded_bytes > 0
     assert _losses(_metrics(tmp_path / "split")) == _losses(_metrics(tmp_path / "plain"))
     for a, b in zip([*plain.G.params, *plain.F.params], [*resumed.G.params, *resumed.F.params]):
+        assert torch.equal(a, b)
+
+
+def test_fake_states_away_during_generator_steps_only(tiny_cache, tmp_path, monkeypatch):
+    """``offload_fake_state=generator_step``: the fake score's states are on the host while the generator
+    steps and back on the device for its own steps; the same losses and weights as without."""
+    common = [
+        "train.log_interval=1",
+        "distill.generator_period=2",
+        "train.iter_num=4",
+        "checkpoint.enabled=false",
+    ]
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "park").mkdir()
+    plain = make_engine(tmp_path / "plain", *common)
+    plain.train()
+    park = make_engine(tmp_path / "park", *common, "optimizer.offload_fake_state=generator_step")
+    assert park.F.offload is None and park.park_fake is not None
+    seen = []  # (net stepped, bytes of the fake score's exp_avg on the device then)
+    step = park._step
+
+    def spy(t, losses, name, **kw):
+        device_bytes = sum(
+            s["exp_avg"].to_local().untyped_storage().nbytes() for s in park.F.opt.state.values()
+        )
+        seen.append((name, device_bytes, len(park.F.opt.state)))
+        return step(t, losses, name, **kw)
+
+    monkeypatch.setattr(park, "_step", spy)
+    park.train()
+    gen = [(b, n) for name, b, n in seen if name == "gen"]
+    fake = [(b, n) for name, b, n in seen if name != "gen"]
+    assert len(gen) == 2 and all(b == 0 for b, _ in gen)
+    assert gen[-1][1] > 0  # the second generator step had fake-score states to move (and moved them)
+    assert all(b > 0 for b, n in fake if n > 0) and any(n > 0 for _, n in fake)
+    assert park.park_fake.offloaded_bytes == 0  # all back after the last generator step
+    assert _losses(_metrics(tmp_path / "park")) == _losses(_metrics(tmp_path / "plain"))
+    for a, b in zip([*plain.G.params, *plain.F.params], [*park.G.params, *park.F.params]):
         assert torch.equal(a, b)
 
 

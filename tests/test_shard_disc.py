@@ -3,6 +3,8 @@ heads sharded by FSDP2 trains like the replicated heads (losses, logits, gradien
 gradients of every D step, the final heads), each rank holds about half the heads, spectral norm's
 power-iteration buffers stay identical on the ranks, the generator's adversarial gradient stays out of
 the heads (B1) unless ``compat.d_grad_leak``, and a stopped and resumed sharded run continues exactly.
+With both transformer blocks in one FSDP2 unit (``model.fsdp_blocks_per_unit=2``) the sharded run is
+the same as with one unit per block.
 
 One spawn runs everything (in-process ``Engine.train`` calls, as the launcher makes them) and writes each
 rank's results to ``tmp_path``; about 25 s on 2 CPU cores."""
@@ -40,6 +42,7 @@ RUNS = {  # name: (shard_discriminator, d_grad_leak)
     "replicated_leak": (False, True),
     "sharded_leak": (True, True),
 }
+GROUPED = ["model.shard_discriminator=true", "model.fsdp_blocks_per_unit=2"]
 
 
 class _Messages(logging.Handler):
@@ -59,6 +62,13 @@ def _full_params(heads) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in full_state_dict(heads).items() if k in names}
 
 
+def _full_generator(engine) -> dict[str, torch.Tensor]:
+    """The generator's full state (complete on rank 0), copied."""
+    from senseflow.parallel import full_state_dict
+
+    return {k: v.clone() for k, v in full_state_dict(engine.G.net).items()}
+
+
 def _train(overrides: list[str], save_dir: Path, info, messages: _Messages) -> dict:
     """Build an engine, train it, and describe its heads before and after (rank-local values, and full
     parameters complete on rank 0). Per D step, ``had_grad`` tells whether the heads already held a
@@ -66,6 +76,7 @@ def _train(overrides: list[str], save_dir: Path, info, messages: _Messages) -> d
     ``grads`` holds the full clipped gradient that the optimiser applied."""
     from senseflow.config import load_config
     from senseflow.engine import Engine
+    from senseflow.parallel import fsdp_units
 
     save_dir.mkdir(parents=True, exist_ok=True)
     messages.lines.clear()
@@ -85,8 +96,12 @@ def _train(overrides: list[str], save_dir: Path, info, messages: _Messages) -> d
 
     engine.disc_step, engine._opt_step = recording_disc_step, recording_opt_step
     init, init_buffers = _full_params(heads), {k: b.clone() for k, b in heads.named_buffers()}
+    gen_init = _full_generator(engine)
     engine.train()
     return {
+        "units": [sorted(fsdp_units(net)) for net in (engine.G.net, engine.F.net, engine.teacher)],
+        "gen_init": gen_init,
+        "gen": _full_generator(engine),
         "had_grad": had_grad,
         "grads": grads,
         "log": list(messages.lines),
@@ -120,6 +135,7 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
                 f"compat.d_grad_leak={str(leak).lower()}",
             ]
             results[name] = _train(overrides, out / name, info, messages)
+        results["grouped"] = _train(GROUPED, out / "grouped", info, messages)
         # "sharded", stopped after the generator iteration (2) and resumed
         split = ["model.shard_discriminator=true", "checkpoint.enabled=true", "train.save_interval=2"]
         _train([*split, "train.iter_num=2"], out / "split", info, messages)
@@ -141,7 +157,7 @@ def runs(tiny_cache, tmp_path_factory):
     results = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     metrics = {
         name: [json.loads(line) for line in (tmp / name / "metrics.jsonl").read_text().splitlines()]
-        for name in [*RUNS, "split"]
+        for name in [*RUNS, "grouped", "split"]
     }
     return results, metrics
 
@@ -234,6 +250,29 @@ def test_sharded_run_resumes_exactly(runs):
         assert _losses(a) == _losses(b), a["iter"]
     full, split = results[0]["sharded"]["params"], results[0]["split"]["params"]
     assert full.keys() == split.keys() and all(torch.equal(full[k], split[k]) for k in full)
+
+
+def test_grouped_blocks_train_like_one_unit_per_block(runs):
+    """``model.fsdp_blocks_per_unit=2``: the two blocks of each tiny SD3.5 transformer form one FSDP2 unit
+    on both ranks, and the sharded run logs the same losses and gradient norms and ends at the same
+    generator and heads as with one unit per block."""
+    results, metrics = runs
+    per_block = [[""], ["transformer_blocks.0"], ["transformer_blocks.1"]]
+    for r in results:
+        assert r["sharded"]["units"] == [per_block] * 3
+        assert r["grouped"]["units"] == [[[""], ["transformer_blocks.0", "transformer_blocks.1"]]] * 3
+    assert [r["iter"] for r in metrics["grouped"]] == [1, 2, 3]
+    for a, b in zip(metrics["sharded"], metrics["grouped"]):
+        assert _losses(a) == _losses(b), a["iter"]
+    r0 = results[0]
+    full, grouped = r0["sharded"]["params"], r0["grouped"]["params"]
+    assert full.keys() == grouped.keys() and all(torch.equal(full[k], grouped[k]) for k in full)
+    # the gradient of the time embedding, which both blocks take, is summed in another order (FSDP2's
+    # identity autograd node on each unit's inputs): last bits of the timestep embedder's weights
+    assert r0["sharded"]["gen"].keys() == r0["grouped"]["gen"].keys()
+    scale = _max_diff(r0["sharded"]["gen"], r0["sharded"]["gen_init"])  # largest update
+    assert scale > 0
+    assert _max_diff(r0["grouped"]["gen"], r0["sharded"]["gen"]) <= 1e-3 * scale
 
 
 def test_no_effect_in_one_process(tiny_cache, tmp_path):

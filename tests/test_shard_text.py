@@ -1,6 +1,6 @@
 """``model.shard_text_encoders``: the tiny SD3 and FLUX text encoders sharded with FSDP2 over 2 gloo
-processes give the same prompt encodings as unsharded copies, while each rank holds about half of the
-encoders' parameters."""
+processes, per layer or two layers per unit (``model.fsdp_blocks_per_unit``), give the same prompt
+encodings as unsharded copies, while each rank holds about half of the encoders' parameters."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def _worker(rank: int, store_path: str, out_dir: str, teachers: dict) -> None:
     from senseflow.adapters import build_adapter
     from senseflow.config import load_config
     from senseflow.distributed import DistInfo
+    from senseflow.parallel import fsdp_units
 
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, WORLD)
@@ -36,12 +37,13 @@ def _worker(rank: int, store_path: str, out_dir: str, teachers: dict) -> None:
         prompts = [f"a red circle number {rank}", "a blue square at the top left"][: 1 + rank]  # ranks differ
         results = {}
         for family, teacher in teachers.items():
-            for sharded in (False, True):
+            for sharded, per_unit in ((False, 1), (True, 1), (True, 2)):
                 cfg = load_config(
                     REPO / CONFIGS[family],
                     [
                         f"paths.pretrained_model={teacher}",
                         f"model.shard_text_encoders={str(sharded).lower()}",
+                        f"model.fsdp_blocks_per_unit={per_unit}",
                     ],
                 )
                 adapter = build_adapter(cfg, info)
@@ -50,11 +52,12 @@ def _worker(rank: int, store_path: str, out_dir: str, teachers: dict) -> None:
                     adapter.reshard_text_encoders()
                     empty = adapter.empty_cond(1)
                     adapter.reshard_text_encoders()
-                results[(family, sharded)] = {
+                results[(family, "grouped" if per_unit > 1 else sharded)] = {
                     "cond": cond[1],
                     "repeat_equal": all(torch.equal(cond[0][k], cond[1][k]) for k in cond[0]),
                     "empty": empty,
                     "local_numel": [_local_numel(e) for e in adapter.text_encoders],
+                    "units": [[len(u) for u in fsdp_units(e)] for e in adapter.text_encoders],
                     "all_dtensor": all(
                         hasattr(p, "placements") for e in adapter.text_encoders for p in e.parameters()
                     ),
@@ -75,11 +78,15 @@ def sharded_results(tiny_cache, tmp_path_factory):
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["per_layer", "two_layers_per_unit"])
 @pytest.mark.parametrize("family", list(CONFIGS))
-def test_sharded_text_encoders_match(sharded_results, family):
+def test_sharded_text_encoders_match(sharded_results, family, grouped):
     for rank, results in enumerate(sharded_results):
-        full, sharded = results[(family, False)], results[(family, True)]
+        full, sharded = results[(family, False)], results[(family, "grouped" if grouped else True)]
         assert not full["all_dtensor"] and sharded["all_dtensor"], rank
+        # every tiny encoder has 2 layers: the root and one unit per layer, or one unit of both
+        assert full["units"] == [[]] * len(full["units"]), rank
+        assert sharded["units"] == [[1, 2] if grouped else [1, 1, 1]] * len(full["units"]), rank
         for key in ("cond", "empty"):
             assert full[key].keys() == sharded[key].keys()
             for k in full[key]:
@@ -89,7 +96,9 @@ def test_sharded_text_encoders_match(sharded_results, family):
         assert sharded["repeat_equal"]
     # the ranks' shards partition every encoder; each rank holds about half (dim 0 split, uneven rows)
     full = sharded_results[0][(family, False)]["local_numel"]
-    per_rank = [results[(family, True)]["local_numel"] for results in sharded_results]
+    per_rank = [
+        results[(family, "grouped" if grouped else True)]["local_numel"] for results in sharded_results
+    ]
     for i, n_full in enumerate(full):
         shards = [n[i] for n in per_rank]
         assert sum(shards) == n_full, (n_full, shards)

@@ -18,7 +18,7 @@ from torch import nn
 from ..config import Config
 from ..distributed import DistInfo
 from ..errors import ConfigError
-from ..parallel import DTYPE, build_sharded, mixed_precision_policy, read_diffusers_weights
+from ..parallel import DTYPE, build_sharded, fsdp_units, mixed_precision_policy, read_diffusers_weights
 from ..schedules import NoiseSchedule
 
 logger = logging.getLogger(__name__)
@@ -138,15 +138,21 @@ class TeacherAdapter:
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def shard_text_encoders(self) -> None:
-        """FSDP2-shard every text encoder per transformer layer (``model.shard_text_encoders``).
+        """FSDP2-shard every text encoder per transformer layer, or per ``model.fsdp_blocks_per_unit``
+        consecutive layers (``model.shard_text_encoders``; every layer runs in each encoding).
 
         Every rank must then encode prompts the same number of times (the engine encodes once per
         iteration on every rank) and call :meth:`reshard_text_encoders` afterwards."""
         from ..parallel import shard
 
+        per_unit = self.cfg.model.fsdp_blocks_per_unit
         for enc in self.text_encoders:
-            shard(enc, text_encoder_layers(enc), None)
-        logger.info("text encoders sharded over %d ranks (FSDP2 per layer)", self.info.world_size)
+            shard(enc, text_encoder_layers(enc), None, blocks_per_unit=per_unit)
+        logger.info(
+            "text encoders sharded over %d ranks (FSDP2 per %s)",
+            self.info.world_size,
+            "layer" if per_unit == 1 else f"{per_unit} layers",
+        )
 
     def reshard_text_encoders(self) -> None:
         """Free the unsharded root parameters FSDP2 keeps after a forward (no-op when not sharded)."""
@@ -221,7 +227,16 @@ class TeacherAdapter:
                     trainable=trainable,
                     gradient_checkpointing=self.cfg.model.gradient_checkpointing and trainable,
                     compile_blocks=self.cfg.model.compile_blocks,
+                    blocks_per_unit=self.cfg.model.fsdp_blocks_per_unit,
+                    unit_starts=self.unit_starts,
                 )
+            )
+        if self.cfg.model.fsdp_blocks_per_unit > 1:
+            logger.info(
+                "FSDP2 units of up to %d blocks: %d units for the %d blocks of the generator",
+                self.cfg.model.fsdp_blocks_per_unit,
+                len(fsdp_units(nets[0])) - 1,
+                len(self.blocks(nets[0])),
             )
         generator, fake, teacher = nets
         return generator, fake, teacher.eval()
@@ -236,8 +251,16 @@ class TeacherAdapter:
         return nn.Module.to(model, device=self.device, dtype=dtype).eval().requires_grad_(False)
 
     def blocks(self, net: nn.Module) -> list[nn.Module]:
-        """The repeated blocks of a transformer (sharding and checkpointing units)."""
+        """The repeated blocks of a transformer in forward order (FSDP2-sharded alone or in groups of
+        consecutive blocks, compiled one by one)."""
         raise NotImplementedError
+
+    def unit_starts(self, net: nn.Module) -> list[nn.Module]:
+        """Blocks that begin a new FSDP2 unit when ``model.fsdp_blocks_per_unit`` groups blocks. FSDP2
+        expects the blocks of a unit to run forward together, so a forward that runs only the first blocks
+        (SDXL's classifier bottleneck) must end at a unit boundary. None by default (every forward runs
+        every block)."""
+        return []
 
     def forward(self, net: nn.Module, x: torch.Tensor, level: torch.Tensor, cond: Cond) -> torch.Tensor:
         """One network call at per-sample ``level`` (B,); returns the prediction in float32."""

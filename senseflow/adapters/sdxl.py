@@ -126,6 +126,10 @@ class SDXLAdapter(TeacherAdapter):
             blocks.append(net.cls_head)
         return blocks
 
+    def unit_starts(self, net):
+        # the classifier's bottleneck runs the down blocks and the mid block only
+        return [net.up_blocks[0]]
+
     def fake_extras(self) -> dict[str, nn.Module]:
         """DMD2's classifier head on the fake UNet (R5), when the recipe uses it."""
         if not self.cfg.distill.classifier.enabled:
