@@ -143,6 +143,7 @@ PHASES = (
     "gan_generator",
     "gen_backward_step",
     "ida",
+    "fake_state_offload",
     "fake_step",
     "vae_decode",
     "disc_step",

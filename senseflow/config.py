@@ -78,7 +78,9 @@ class ModelConfig:
     a few per block kind, gradient mode and batch size, compiled in the first iterations (minutes at
     full size). Eager blocks dispatch thousands of small operators per pass, so at one 1024-px image per
     GPU the host, not the GPU, sets the pace (``python -m senseflow.bench --profile``). Same arithmetic
-    up to fused-kernel rounding."""
+    up to fused-kernel rounding. On in the SD3.5 and FLUX configs (measured on 2 x H200, with
+    ``discriminator.compile_heads``: SD3.5 Medium 1.38 -> 1.03 s/it, SD3.5 Large 2.59 s/it, FLUX 3.74 ->
+    3.30 s/it, same peaks); off for SDXL (not measured) and the tiny CPU configs."""
     fsdp_blocks_per_unit: int = 1
     """Consecutive transformer blocks that form one FSDP2 unit of the generator, fake score and teacher (and
     of the text encoders' layers under ``model.shard_text_encoders``). A unit's parameters are all-gathered
@@ -267,9 +269,12 @@ class OptimizerConfig:
     iteration in ``distill.generator_period``), which is where the peak of SD3.5 Medium lies on 2 x H200
     (``python -m senseflow.bench`` names the phase): two copies per generator iteration. ``between_steps``:
     everywhere except the fake score's own step, as ``offload_generator_state`` does for the generator
-    (stepped in ``offload_step_chunks`` parts); two copies every iteration. Measured on 2 x H200 (SD3.5
-    Medium, compiled, with the other memory options): ``between_steps`` 38.0 GiB at 1.67 s/it against
-    46.4 GiB at 1.07 s/it without. Same updates. Needs ``optimizer.name=adamw``."""
+    (stepped in ``offload_step_chunks`` parts); two copies every iteration. Measured (SD3.5 Medium, compiled,
+    with ``offload_generator_state``; on 2 GPUs also the sharded text encoders and discriminator; peak
+    allocated per GPU): 2 x H200 ``none`` 46.4 GiB at 1.07 s/it, ``generator_step`` 40.3 GiB at 1.11 s/it
+    (the peak moves to the discriminator step), ``between_steps`` 38.0 GiB at 1.67 s/it; 1 x H200
+    ``generator_step`` 70.1 GiB at 1.19 s/it, ``between_steps`` 57.9 GiB at 1.65 s/it. The copies run at
+    about 28 GB/s. Same updates. Needs ``optimizer.name=adamw``."""
     offload_step_chunks: int = 4
     """With ``offload_generator_state`` or ``offload_fake_state=between_steps``: the net steps its
     parameters in this many consecutive parts, each with only its own AdamW states on the GPU, so its

@@ -550,11 +550,13 @@ class Engine:
         """
         if self.park_fake is None:
             return self._generator_step(x_in, level, cond_level, anchor_idx, cond, uncond, adv)
-        self.park_fake.offload()
+        with self.timer.phase("fake_state_offload"):
+            self.park_fake.offload()
         try:
             return self._generator_step(x_in, level, cond_level, anchor_idx, cond, uncond, adv)
         finally:
-            self.park_fake.load()
+            with self.timer.phase("fake_state_offload"):
+                self.park_fake.load()
 
     def _generator_step(self, x_in, level, cond_level, anchor_idx, cond, uncond, adv):
         """:meth:`generator_step` with the fake score's states wherever they are."""
