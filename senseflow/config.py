@@ -94,13 +94,13 @@ class ModelConfig:
     policy there was no gain (143, 138, 149, 180 ms at 1, 2, 4, 8 blocks per unit). On 2 x H200 (SD3.5
     Medium, compiled, all memory options; ``benchmarks/NOTES.md``) 2 blocks per unit gave no speed gain
     (non-generator iterations 1.00 against 0.97 s) at the same 46.4 GiB peak; it is meant for slower
-    interconnects (several nodes), where fewer, larger collectives pay. The cost is memory: a unit of n blocks holds the unsharded parameters (in backward
-    also the unsharded gradients) of n blocks at once, about n times the per-block working set, and twice
-    that while the next unit is prefetched. Blocks with a precision of their own (DMD2's classifier head)
-    stay units of their own, SDXL's up blocks start a new unit, and the last unit may be shorter. Same
-    losses and updates up to the summation order of some gradients; parameter names, state dicts and
-    checkpoints unchanged. 1 is one unit per block (the previous behaviour); the discriminator heads stay
-    one unit each."""
+    interconnects (several nodes), where fewer, larger collectives pay. The cost is memory: a unit of n
+    blocks holds the unsharded parameters (in backward also the unsharded gradients) of n blocks at once,
+    about n times the per-block working set, and twice that while the next unit is prefetched. Blocks with
+    a precision of their own (DMD2's classifier head) stay units of their own, SDXL's up blocks start a
+    new unit, and the last unit may be shorter. Same losses and updates up to the summation order of some
+    gradients; parameter names, state dicts and checkpoints unchanged. 1 is one unit per block (the
+    previous behaviour); the discriminator heads stay one unit each."""
     cudnn_benchmark: bool = False
     """Let cuDNN time its convolution algorithms on the first call of each shape and keep the fastest
     (``torch.backends.cudnn.benchmark``). Training shapes are fixed (one resolution, one batch size), so
@@ -278,9 +278,10 @@ class OptimizerConfig:
     offload_step_chunks: int = 4
     """With ``offload_generator_state`` or ``offload_fake_state=between_steps``: the net steps its
     parameters in this many consecutive parts, each with only its own AdamW states on the GPU, so its
-    gradients and all its states are never on the GPU together (the step's extra memory shrinks from 8 to 8/chunks bytes per parameter and GPU). Same
-    updates as one step; 1 loads all states at once. On 2 x H200 (SD3.5 Medium, all memory options) the
-    peak stayed at 46.4 GiB with 4 parts: that peak lies outside the generator's optimiser step."""
+    gradients and all its states are never on the GPU together (the step's extra memory shrinks from 8 to
+    8/chunks bytes per parameter and GPU). Same updates as one step; 1 loads all states at once. On 2 x
+    H200 (SD3.5 Medium, all memory options) the peak stayed at 46.4 GiB with 4 parts: that peak lies
+    outside the generator's optimiser step."""
 
 
 @dataclass

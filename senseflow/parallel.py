@@ -2,8 +2,9 @@
 
 ``G``, ``F`` and the frozen teacher ``T`` are each sharded with ``fully_shard`` per transformer block
 (or per group of ``model.fsdp_blocks_per_unit`` consecutive blocks) and then at the root (torchtitan
-style; the original wrapped every submodule, which issues far more, smaller all-gathers). Trained nets keep fp32 master weights and compute in the configured dtype
-through FSDP2's mixed-precision policy; the teacher is stored in its own dtype and needs no policy.
+style; the original wrapped every submodule, which issues far more, smaller all-gathers). Trained nets
+keep fp32 master weights and compute in the configured dtype through FSDP2's mixed-precision policy;
+the teacher is stored in its own dtype and needs no policy.
 
 Models are built on the meta device on every rank and filled from a full state dict that only rank 0
 holds (``broadcast_from_rank0``), so host memory does not scale with the number of ranks.

@@ -1,4 +1,4 @@
-"""Per-phase timing (and peak device memory) of the training iteration (used by ``python -m senseflow.bench``).
+"""Per-phase timing and peak device memory of the training iteration (``python -m senseflow.bench``).
 
 Disabled by default: ``phase()`` is then a no-op context manager, so the hot loop pays nothing and
 never synchronises with the device. Enabled, CUDA phases are timed with events (one synchronisation

@@ -15,8 +15,7 @@ from senseflow.discriminator.heads import SNConv2d
 from senseflow.losses.gan import hinge_d_fake, hinge_d_real, hinge_g
 
 from .test_discriminator import PROMPTS, images, make_disc
-from .test_engine import make_engine
-from .test_offload import _losses, _metrics
+from .test_engine import _losses, _metrics, make_engine
 
 
 @pytest.mark.parametrize("kernel, stride", [(1, 1), (3, 1), (3, 2)])

@@ -4,8 +4,6 @@ also across a checkpoint and resume."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -13,7 +11,7 @@ from senseflow.config import load_config
 from senseflow.errors import ConfigError
 from senseflow.offload import StateOffload
 
-from .test_engine import TINY, make_engine
+from .test_engine import TINY, _losses, _metrics, make_engine
 
 
 def _adamw(model, fused: bool = False):
@@ -121,15 +119,6 @@ def test_needs_plain_adamw(tiny_cache):
         load_config(TINY, ["optimizer.offload_fake_state=between_steps", "optimizer.name=adamw8bit"])
     with pytest.raises(ConfigError, match="optimizer.offload_step_chunks"):
         load_config(TINY, ["optimizer.offload_generator_state=true", "optimizer.offload_step_chunks=0"])
-
-
-def _metrics(path) -> list[dict]:
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
-
-
-def _losses(records: list[dict]) -> list[dict]:
-    keep = ("loss/", "grad_norm/", "disc/")
-    return [{k: v for k, v in r.items() if k.startswith(keep)} for r in records]
 
 
 def test_engine_trains_the_same_and_resumes(tiny_cache, tmp_path, caplog):
