@@ -89,6 +89,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max_int(value: int, device: torch.device) -> int:
+    """The largest of the ranks' ``value`` (one small all-reduce; ``value`` itself without a group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def broadcast_tensors_(tensors: list[torch.Tensor], src: int = 0) -> None:
     """Overwrite ``tensors`` on every rank with rank ``src``'s values (replicated modules)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

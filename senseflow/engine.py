@@ -42,7 +42,7 @@ from .data import build_dataset
 from .data.json_dataset import InfiniteLoader
 from .discriminator import VFMDiscriminator
 from .discriminator.diffaug import diff_augment
-from .distributed import DistInfo, all_reduce_grads_, broadcast_tensors_
+from .distributed import DistInfo, all_reduce_grads_, all_reduce_max_int, broadcast_tensors_
 from .errors import SenseFlowError
 from .losses.decoupled import decoupled_dmd_loss
 from .losses.dm import distribution_matching_loss
@@ -57,6 +57,7 @@ from .parallel import DTYPE, full_state_dict, local_tensor, reshard, shard
 from .profiling import PhaseTimer
 from .sampling import sample_x0
 from .schedules import sample_table_index
+from .stop import StopRequest, TrainingStopped
 
 logger = logging.getLogger(__name__)
 
@@ -820,6 +821,32 @@ class Engine:
         logger.info("resumed from %s at iteration %d", path, self.iteration)
         return True
 
+    def _agreed_stop(self, stop: StopRequest, k: int) -> int:
+        """The stop signal's number once every rank knows of it, else 0: checked after each iteration in
+        one process, at each ``train.log_interval`` under several (all ranks must stop at the same
+        iteration to write one checkpoint)."""
+        if self.info.world_size == 1:
+            return stop.signum or 0
+        if k % self.cfg.train.log_interval:
+            return 0
+        return all_reduce_max_int(stop.signum or 0, self.device)
+
+    def _stop(self, signum: int, saved: bool) -> None:
+        """Write a checkpoint (unless this iteration already did) and raise :class:`TrainingStopped`."""
+        k = self.iteration
+        if not self.cfg.checkpoint.enabled:
+            raise TrainingStopped(
+                f"stopped by signal {signum} at iteration {k}; checkpoint.enabled=false, nothing saved",
+                signum,
+            )
+        if not saved:
+            self.save_checkpoint()
+        raise TrainingStopped(
+            f"stopped by signal {signum} at iteration {k} of {self.cfg.train.iter_num} after writing its "
+            f"checkpoint in {self.save_dir / 'checkpoints'}: run the same command again to resume",
+            signum,
+        )
+
     def _offload_states(self) -> None:
         for t in self._trainees().values():
             if t.offload is not None:
@@ -839,36 +866,46 @@ class Engine:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.train.iter_num, initial=self.iteration, desc=cfg.recipe, dynamic_ncols=True)
-        t_last = time.time()
+        t_last, k_logged = time.time(), self.iteration
         loader = iter(self.loader)
-        try:
-            while self.iteration < cfg.train.iter_num:
-                k = self.iteration + 1
-                batch = next(loader)
-                self.counters["skipped_images"] += int(batch["skipped"].sum())
-                if trace is not None:
-                    trace.write(json.dumps({"iter": k, "keys": list(batch["key"])}) + "\n")
-                metrics = self.run_iteration(k, batch)
-                self.iteration = k
-                self.metrics.add(metrics)
-                if k % cfg.train.log_interval == 0 or k == cfg.train.iter_num:
-                    now = time.time()
-                    record = self.metrics.flush(
-                        k, {"sec_per_iter": (now - t_last) / cfg.train.log_interval, **self.counters}
-                    )
-                    t_last = now
-                    if bar is not None:
-                        bar.set_postfix(
-                            {key: f"{record[key]:.4g}" for key in ("loss/fake", "loss/dm") if key in record}
+        with StopRequest() as stop:
+            try:
+                while self.iteration < cfg.train.iter_num:
+                    k = self.iteration + 1
+                    batch = next(loader)
+                    self.counters["skipped_images"] += int(batch["skipped"].sum())
+                    if trace is not None:
+                        trace.write(json.dumps({"iter": k, "keys": list(batch["key"])}) + "\n")
+                    metrics = self.run_iteration(k, batch)
+                    self.iteration = k
+                    self.metrics.add(metrics)
+                    signum = self._agreed_stop(stop, k)
+                    if k % cfg.train.log_interval == 0 or k == cfg.train.iter_num or signum:
+                        now = time.time()
+                        record = self.metrics.flush(
+                            k, {"sec_per_iter": (now - t_last) / (k - k_logged), **self.counters}
                         )
+                        t_last, k_logged = now, k
+                        if bar is not None:
+                            bar.set_postfix(
+                                {
+                                    key: f"{record[key]:.4g}"
+                                    for key in ("loss/fake", "loss/dm")
+                                    if key in record
+                                }
+                            )
+                    if bar is not None:
+                        bar.update(1)
+                    last = k == cfg.train.iter_num
+                    saved = cfg.checkpoint.enabled and (k % cfg.train.save_interval == 0 or last)
+                    if saved:
+                        self.save_checkpoint()
+                    if signum and not last:
+                        self._stop(signum, saved)
+            finally:
                 if bar is not None:
-                    bar.update(1)
-                if cfg.checkpoint.enabled and (k % cfg.train.save_interval == 0 or k == cfg.train.iter_num):
-                    self.save_checkpoint()
-        finally:
-            if bar is not None:
-                bar.close()
-            if trace is not None:
-                trace.close()
-            self.metrics.close()
+                    bar.close()
+                if trace is not None:
+                    trace.close()
+                self.metrics.close()
         logger.info("training finished at iteration %d (%s)", self.iteration, self.save_dir)

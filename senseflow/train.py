@@ -21,6 +21,7 @@ from .config import load_config, resolve_paths, save_config
 from .distributed import barrier, cleanup, init_distributed
 from .errors import SenseFlowError
 from .metrics import setup_logging
+from .stop import TrainingStopped
 
 logger = logging.getLogger("senseflow.train")
 
@@ -74,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         from .engine import Engine
 
         Engine(cfg, info, save_dir).train()
+    except TrainingStopped as err:
+        if rank == 0:
+            logger.warning("%s", err)
+        return err.exit_code
     except SenseFlowError as err:
         if rank == 0:
             logger.error("%s", err)

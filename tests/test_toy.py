@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
 import time
 
@@ -22,7 +25,7 @@ from senseflow.toy.evalnets import (
 from senseflow.toy.pipeline import methods
 from senseflow.toy.presets import PRESETS, RESOLUTION
 
-from .conftest import run_cmd
+from .conftest import REPO, run_cmd
 
 CI = PRESETS["ci"]
 STAGES = [
@@ -161,3 +164,26 @@ def test_cli_ci_preset_and_rerun(tiny_cache, tmp_path):
         [*cmd[:4], "cpu", "--out", str(tmp_path / "x"), *cmd[7:], "--reuse", str(out)], tiny_cache, timeout=60
     )
     assert r7.returncode == 2 and "--reuse:" in r7.stderr and "only distill_iters" in r7.stderr
+
+    # SIGTERM to the CLI alone: it passes the signal on to the variants in flight, which checkpoint and
+    # stop; the queued ones do not start; the CLI exits with 128 + 15
+    stopped = tmp_path / "toy_stop"
+    env = {**os.environ, "SENSEFLOW_CACHE": str(tiny_cache)}
+    stop_cmd = [*cmd[:6], str(stopped), *cmd[7:], "--reuse", str(out), "--distill-iters", "400"]
+    log = (tmp_path / "stop.log").open("w")
+    proc = subprocess.Popen(stop_cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    running = [stopped / "distill" / v / "metrics.jsonl" for v in ("dmd", "dmd_ida")]
+    deadline = time.time() + 120
+    while not all(p.is_file() for p in running):
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "stop.log").read_text()[-3000:]
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "stop.log").read_text()[-3000:]
+    log.close()
+    text = (tmp_path / "stop.log").read_text()
+    assert "run the same command again to resume" in text, text[-3000:]
+    for v in ("dmd", "dmd_ida"):
+        step = int((stopped / "distill" / v / "checkpoints" / "latest").read_text().rsplit("_", 1)[1])
+        assert 10 <= step < 400, (v, step)
+        assert not (stopped / "distill" / v / ".done.json").exists()
+    assert not (stopped / "distill" / "senseflow" / "metrics.jsonl").exists()  # queued, never started

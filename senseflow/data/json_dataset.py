@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from senseflow.errors import DataError
+from senseflow.stop import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +337,7 @@ class InfiniteLoader:
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
             generator=torch.Generator().manual_seed(int(seed)),
+            worker_init_fn=ignore_stop_signals,  # the training loop stops on them, with a checkpoint
         )
 
     def state_dict(self) -> dict[str, int]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import SenseFlowError
 from ..output import emit
+from ..stop import TrainingStopped
 from .presets import PRESETS, get_preset
 
 logger = logging.getLogger("senseflow.toy")
@@ -96,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         jobs = args.jobs or (4 if device.type == "cuda" else 1)
         reuse = Path(args.reuse) if args.reuse else None
         report = run(out, preset, device, command.strip(), jobs=jobs, reuse=reuse)
+    except TrainingStopped as err:
+        logger.warning("%s", err)
+        return err.exit_code
     except SenseFlowError as err:
         logger.error("%s", err)
         return 2

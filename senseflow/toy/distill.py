@@ -47,6 +47,7 @@ def engine_overrides(preset: Preset, out: Path, device: torch.device) -> list[st
         else ["precision.compute=fp32", "precision.teacher=fp32"]
     )
     lr = preset.distill_lr
+    compiled = preset.distill_compile and device.type == "cuda"
     return [
         f"recipe=toy_{preset.name}",
         f"paths.pretrained_model={out / 'teacher'}",
@@ -56,6 +57,7 @@ def engine_overrides(preset: Preset, out: Path, device: torch.device) -> list[st
         "discriminator.hooks=[1,3]",
         "discriminator.c_dim=16",
         *toy_overrides(),
+        *(["model.compile_blocks=true", "discriminator.compile_heads=true"] if compiled else []),
         *precision,
         "precision.text_encoders=fp32",
         "precision.vae=fp32",

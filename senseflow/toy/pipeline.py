@@ -252,21 +252,53 @@ def _distill_job(out: Path, preset: Preset, name: str, device: str) -> None:
 def run_variants_parallel(
     names: list[str], out: Path, preset: Preset, device: torch.device, jobs: int
 ) -> None:
-    """Train ``names`` in up to ``jobs`` spawned processes; a failure names the variant and its log."""
+    """Train ``names`` in up to ``jobs`` spawned processes; a failure names the variant and its log.
+
+    A stop signal (SIGTERM, SIGUSR1) is passed on to the variants, which checkpoint and stop; this then
+    raises :class:`~senseflow.stop.TrainingStopped` once they have (a rerun resumes them)."""
     import multiprocessing
+    import os
     from concurrent.futures import ProcessPoolExecutor
+
+    from ..stop import StopRequest, TrainingStopped
 
     logger.info("distilling %s in %d parallel processes", ", ".join(names), min(jobs, len(names)))
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(min(jobs, len(names)), mp_context=ctx) as pool:
-        futures = {name: pool.submit(_distill_job, out, preset, name, device.type) for name in names}
-        failed = []
-        for name, fut in futures.items():
-            try:
-                fut.result()
-            except Exception as err:  # noqa: BLE001 - reported with the variant's log below
-                logger.error("distill/%s failed: %s", name, err)
-                failed.append(name)
+        futures = {}
+
+        def forward(signum: int) -> None:  # to the running variants; the queued ones do not start
+            for fut in futures.values():
+                fut.cancel()
+            for pid in list(getattr(pool, "_processes", None) or {}):
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+
+        with StopRequest(on_signal=forward) as stop:
+            futures.update(
+                {name: pool.submit(_distill_job, out, preset, name, device.type) for name in names}
+            )
+            failed, stopped = [], []
+            for name, fut in futures.items():
+                if fut.cancelled():
+                    continue
+                try:
+                    fut.result()
+                except TrainingStopped as err:
+                    logger.warning("distill/%s: %s", name, err)
+                    stopped.append(err.signum)
+                except Exception as err:  # noqa: BLE001 - reported with the variant's log below
+                    logger.error("distill/%s failed: %s", name, err)
+                    failed.append(name)
+    if stop.requested or stopped:
+        signum = stop.signum or stopped[0]
+        raise TrainingStopped(
+            f"distillation stopped by signal {signum}: run the same command again to resume every unfinished "
+            "variant from its last checkpoint",
+            signum,
+        )
     if failed:
         logs = ", ".join(str(out / "distill" / n / "train.log") for n in failed)
         raise RuntimeError(f"distillation failed for {', '.join(failed)} (see {logs})")

@@ -1,0 +1,163 @@
+"""Graceful stop on SIGTERM / SIGUSR1: a checkpoint at the iteration in flight, then an exact resume."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from senseflow.stop import StopRequest, TrainingStopped, ignore_stop_signals
+
+from .conftest import REPO, free_port
+from .test_engine import _losses, _metrics, make_engine
+
+
+def test_stop_request_sets_flag_once_and_restores_handlers():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    seen = []
+    with StopRequest(on_signal=seen.append) as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.signum == signal.SIGUSR1
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal changes nothing
+        assert stop.signum == signal.SIGUSR1
+    assert seen == [signal.SIGUSR1]
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_training_stopped_pickles_with_its_signal():
+    err = pickle.loads(pickle.dumps(TrainingStopped("stopped at iteration 3", signal.SIGTERM)))
+    assert isinstance(err, TrainingStopped) and str(err) == "stopped at iteration 3"
+    assert err.signum == signal.SIGTERM and err.exit_code == 143
+
+
+def test_data_workers_ignore_stop_signals():
+    code = (
+        "import os, signal, sys; sys.path.insert(0, '.');"
+        "from senseflow.stop import ignore_stop_signals; ignore_stop_signals(0);"
+        "os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGUSR1); print('alive')"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "alive", r.stderr
+    assert callable(ignore_stop_signals)
+
+
+def _stop_at(engine, k_stop: int, signum: int) -> None:
+    """Make the engine signal itself during iteration ``k_stop``."""
+    run = engine.run_iteration
+
+    def run_and_signal(k, batch):
+        if k == k_stop:
+            os.kill(os.getpid(), signum)
+        return run(k, batch)
+
+    engine.run_iteration = run_and_signal
+
+
+def test_engine_stops_with_checkpoint_and_resumes_exactly(tiny_cache, tmp_path):
+    """SIGTERM in iteration 4 of 7: a checkpoint at 4 (not a save iteration), TrainingStopped; the rerun
+    ends with the weights and last losses of an uninterrupted run."""
+    args = (
+        "train.iter_num=7",
+        "train.save_interval=100",
+        "train.log_interval=3",
+        "distill.generator_period=2",
+    )
+    full, split = tmp_path / "full", tmp_path / "split"
+    full.mkdir()
+    split.mkdir()
+    make_engine(full, *args).train()
+
+    e = make_engine(split, *args)
+    _stop_at(e, 4, signal.SIGTERM)
+    with pytest.raises(TrainingStopped, match="iteration 4 of 7.*run the same command again") as info:
+        e.train()
+    assert info.value.exit_code == 128 + signal.SIGTERM
+    assert (split / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert [r["iter"] for r in _metrics(split)] == [3, 4]  # the partial window is logged
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+    e = make_engine(split, *args)
+    e.train()
+    assert e.iteration == 7
+    assert [r["iter"] for r in _metrics(split)] == [3, 4, 6, 7]
+    a, b = _metrics(full), _metrics(split)
+    assert [r["iter"] for r in a] == [3, 6, 7]
+    assert _losses(a[-1:]) == _losses(b[-1:])  # iteration 7 (records at 6 average 4-6 and 5-6)
+    ga = torch.load(full / "ckpt_model_7.pth", weights_only=True)["model"]
+    gb = torch.load(split / "ckpt_model_7.pth", weights_only=True)["model"]
+    assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
+
+
+def test_engine_signal_in_last_iteration_just_finishes(tiny_cache, tmp_path):
+    e = make_engine(tmp_path, "train.iter_num=3", "train.save_interval=100", "train.log_interval=3")
+    _stop_at(e, 3, signal.SIGUSR1)
+    e.train()  # no TrainingStopped: the run is complete
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000003"
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_stop_together_and_resume(tiny_cache, tmp_path):
+    """SIGTERM to the launcher's whole process group (torchrun, 2 gloo ranks, DataLoader workers), as
+    ``timeout`` or Ctrl-C would: both ranks stop at the same log-interval iteration with one checkpoint,
+    and the same command resumes from it to the end."""
+    save = tmp_path / "run"
+    cmd = [
+        "sh",
+        "exp_sd35/train_SD35_senseflow.sh",
+        "1",
+        "2",
+        "configs/tiny/sd35_senseflow_tiny.yaml",
+        str(save),
+        "log.progress_bar=false",
+        "train.iter_num=200",
+        "train.log_interval=2",
+        "train.save_interval=1000",
+        "train.image_interval=0",
+        "data.num_workers=1",
+    ]
+    env = {**os.environ, "SENSEFLOW_CACHE": str(tiny_cache), "PYTHON": sys.executable}
+    env.update(MASTER_PORT=str(free_port()))
+    for key in ("NODE_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    log = (tmp_path / "log.txt").open("w")
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    metrics = save / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+        assert time.time() < deadline, "no metrics after 300 s"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    rc = proc.wait(timeout=300)
+    log.close()
+    out = (tmp_path / "log.txt").read_text()
+    assert rc != 0, out[-3000:]
+    assert "run the same command again to resume" in out, out[-3000:]
+    step = (save / "checkpoints" / "latest").read_text()
+    stopped = int(step.rsplit("_", 1)[1])
+    assert stopped % 2 == 0 and 4 <= stopped < 200, step
+    assert _metrics(save)[-1]["iter"] == stopped
+
+    r = subprocess.run(
+        [*cmd[:-4], "train.iter_num=" + str(stopped + 2), *cmd[-3:]],
+        cwd=REPO,
+        env={**env, "MASTER_PORT": str(free_port())},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at iteration {stopped}" in r.stderr and "resumed from" in r.stderr
+    assert (save / f"ckpt_model_{stopped + 2}.pth").is_file()
+    assert _metrics(save)[-1]["iter"] == stopped + 2
+    assert Path(save / "checkpoints" / "latest").read_text() == f"step_{stopped + 2:08d}"
