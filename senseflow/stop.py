@@ -46,9 +46,10 @@ class TrainingStopped(SenseFlowError):
 class StopRequest:
     """While installed (a context manager), :data:`STOP_SIGNALS` set :attr:`signum` instead of killing.
 
-    ``on_signal(signum)`` runs on the first signal (e.g. to pass it on to child processes). Installing
-    outside the main thread is a no-op (Python delivers signals to the main thread only): the flag
-    then stays unset.
+    ``on_signal(signum)`` runs on the first signal (e.g. to pass it on to child processes). A request
+    entered inside another one starts with the signal the outer one already caught (a signal during
+    model building stops the training loop after its first iteration). Installing outside the main
+    thread is a no-op (Python delivers signals to the main thread only): the flag then stays unset.
     """
 
     def __init__(self, on_signal: Callable[[int], None] | None = None) -> None:
@@ -76,6 +77,9 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+                outer = getattr(self._previous[sig], "__self__", None)
+                if isinstance(outer, StopRequest) and outer.signum is not None and self.signum is None:
+                    self.signum = outer.signum  # a signal the enclosing request already caught
         return self
 
     def __exit__(self, *exc) -> None:

@@ -32,6 +32,17 @@ def test_stop_request_sets_flag_once_and_restores_handlers():
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
+def test_inner_stop_request_inherits_a_caught_signal():
+    with StopRequest() as outer:
+        os.kill(os.getpid(), signal.SIGTERM)
+        with StopRequest() as inner:
+            assert inner.signum == signal.SIGTERM
+        with StopRequest() as again:
+            assert again.requested
+    with StopRequest() as fresh:
+        assert not fresh.requested and outer.requested
+
+
 def test_training_stopped_pickles_with_its_signal():
     err = pickle.loads(pickle.dumps(TrainingStopped("stopped at iteration 3", signal.SIGTERM)))
     assert isinstance(err, TrainingStopped) and str(err) == "stopped at iteration 3"

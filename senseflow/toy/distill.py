@@ -83,14 +83,17 @@ def variant_overrides(name: str, preset: Preset, out: Path, device: torch.device
     return [*engine_overrides(preset, out, device), *VARIANTS[name][1]]
 
 
-def checkpoints(run_dir: Path) -> dict[int, Path]:
-    """The run's exported generators ``ckpt_model_{iter}.pth`` by iteration."""
+def checkpoints(run_dir: Path, preset: Preset | None = None) -> dict[int, Path]:
+    """The run's exported generators ``ckpt_model_{iter}.pth`` by iteration; with ``preset``, only those
+    at its save interval and the last iteration (not those a stopped and resumed run wrote in between)."""
     found = {}
     for p in run_dir.glob("ckpt_model_*.pth"):
         try:
-            found[int(p.stem.rsplit("_", 1)[1])] = p
+            k = int(p.stem.rsplit("_", 1)[1])
         except ValueError:
             continue
+        if preset is None or k % preset.save_interval == 0 or k == preset.distill_iters:
+            found[k] = p
     return dict(sorted(found.items()))
 
 
@@ -128,6 +131,6 @@ def run_variant(name: str, preset: Preset, out: Path, device: torch.device, info
         "generator_updates": preset.distill_iters // cfg.distill.generator_period,
         "seconds": seconds,
         "sec_per_iter": seconds / preset.distill_iters,
-        "checkpoints": sorted(checkpoints(run_dir)),
+        "checkpoints": sorted(checkpoints(run_dir, preset)),
         "final_losses": {k: v for k, v in last.items() if k.startswith("loss/")},
     }

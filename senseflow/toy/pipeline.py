@@ -206,7 +206,7 @@ def stage_eval(d: Path, method: str, out: Path, preset: Preset, get_ctx) -> dict
         metrics = score(ctx, images)
     else:
         run_dir = out / "distill" / method
-        ckpts = checkpoints(run_dir)
+        ckpts = checkpoints(run_dir, preset)
         if not ckpts:
             raise RuntimeError(f"{run_dir} holds no ckpt_model_*.pth")
         curve, images = [], None
@@ -236,15 +236,22 @@ def stage_eval(d: Path, method: str, out: Path, preset: Preset, get_ctx) -> dict
 def _distill_job(out: Path, preset: Preset, name: str, device: str) -> None:
     """One variant in a child process (spawned: CUDA cannot be forked)."""
     from ..distributed import cleanup, init_distributed
+    from ..stop import StopRequest
 
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s", force=True
     )
+    # Inductor's compile workers are processes of this process group: a SIGTERM to the group (``timeout``)
+    # would kill them under a compilation in flight, which then never ends. Compile in this process.
+    import torch._inductor.config
+
+    torch._inductor.config.compile_threads = 1
     info = init_distributed(device)
     try:
-        Stages(out).run(
-            f"distill/{name}", lambda d: run_variant(name, preset, out, torch.device(device), info)
-        )
+        with StopRequest():  # a signal before the training loop starts stops it after one iteration
+            Stages(out).run(
+                f"distill/{name}", lambda d: run_variant(name, preset, out, torch.device(device), info)
+            )
     finally:
         cleanup()
 
@@ -260,11 +267,12 @@ def run_variants_parallel(
     import os
     from concurrent.futures import ProcessPoolExecutor
 
-    from ..stop import StopRequest, TrainingStopped
+    from ..stop import StopRequest, TrainingStopped, ignore_stop_signals
 
     logger.info("distilling %s in %d parallel processes", ", ".join(names), min(jobs, len(names)))
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(jobs, len(names)), mp_context=ctx) as pool:
+    # idle workers ignore stop signals (a dead worker breaks the pool under the variants still running)
+    with ProcessPoolExecutor(min(jobs, len(names)), mp_context=ctx, initializer=ignore_stop_signals) as pool:
         futures = {}
 
         def forward(signum: int) -> None:  # to the running variants; the queued ones do not start
