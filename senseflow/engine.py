@@ -14,6 +14,7 @@ Everything family-specific lives in the adapter; everything numeric in ``schedul
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -855,57 +856,52 @@ class Engine:
     # --- the loop -----------------------------------------------------------------------------------
 
     def train(self) -> None:
-        """Resume if possible, then iterate to ``train.iter_num`` with logging and checkpoints."""
+        """Resume if possible, then iterate to ``train.iter_num`` with logging and checkpoints; on a stop
+        signal (:mod:`senseflow.stop`) checkpoint and raise :class:`TrainingStopped`."""
         cfg = self.cfg
         self.resume()
-        trace = None
-        if cfg.log.trace_data:
-            trace = (self.save_dir / f"data_trace_rank{self.info.rank}.jsonl").open("a")
-        bar = None
-        if self.info.is_main and cfg.log.progress_bar:
-            from tqdm import tqdm
+        with contextlib.ExitStack() as stack:
+            stack.callback(self.metrics.close)
+            trace = bar = None
+            if cfg.log.trace_data:
+                path = self.save_dir / f"data_trace_rank{self.info.rank}.jsonl"
+                trace = stack.enter_context(path.open("a"))
+            if self.info.is_main and cfg.log.progress_bar:
+                from tqdm import tqdm
 
-            bar = tqdm(total=cfg.train.iter_num, initial=self.iteration, desc=cfg.recipe, dynamic_ncols=True)
-        t_last, k_logged = time.time(), self.iteration
-        loader = iter(self.loader)
-        with StopRequest() as stop:
-            try:
-                while self.iteration < cfg.train.iter_num:
-                    k = self.iteration + 1
-                    batch = next(loader)
-                    self.counters["skipped_images"] += int(batch["skipped"].sum())
-                    if trace is not None:
-                        trace.write(json.dumps({"iter": k, "keys": list(batch["key"])}) + "\n")
-                    metrics = self.run_iteration(k, batch)
-                    self.iteration = k
-                    self.metrics.add(metrics)
-                    signum = self._agreed_stop(stop, k)
-                    if k % cfg.train.log_interval == 0 or k == cfg.train.iter_num or signum:
-                        now = time.time()
-                        record = self.metrics.flush(
-                            k, {"sec_per_iter": (now - t_last) / (k - k_logged), **self.counters}
-                        )
-                        t_last, k_logged = now, k
-                        if bar is not None:
-                            bar.set_postfix(
-                                {
-                                    key: f"{record[key]:.4g}"
-                                    for key in ("loss/fake", "loss/dm")
-                                    if key in record
-                                }
-                            )
-                    if bar is not None:
-                        bar.update(1)
-                    last = k == cfg.train.iter_num
-                    saved = cfg.checkpoint.enabled and (k % cfg.train.save_interval == 0 or last)
-                    if saved:
-                        self.save_checkpoint()
-                    if signum and not last:
-                        self._stop(signum, saved)
-            finally:
-                if bar is not None:
-                    bar.close()
+                bar = tqdm(
+                    total=cfg.train.iter_num, initial=self.iteration, desc=cfg.recipe, dynamic_ncols=True
+                )
+                stack.callback(bar.close)
+            stop = stack.enter_context(StopRequest())
+            t_last, k_logged = time.time(), self.iteration
+            loader = iter(self.loader)
+            while self.iteration < cfg.train.iter_num:
+                k = self.iteration + 1
+                batch = next(loader)
+                self.counters["skipped_images"] += int(batch["skipped"].sum())
                 if trace is not None:
-                    trace.close()
-                self.metrics.close()
+                    trace.write(json.dumps({"iter": k, "keys": list(batch["key"])}) + "\n")
+                metrics = self.run_iteration(k, batch)
+                self.iteration = k
+                self.metrics.add(metrics)
+                signum = self._agreed_stop(stop, k)
+                last = k == cfg.train.iter_num
+                if k % cfg.train.log_interval == 0 or last or signum:
+                    now = time.time()
+                    record = self.metrics.flush(
+                        k, {"sec_per_iter": (now - t_last) / (k - k_logged), **self.counters}
+                    )
+                    t_last, k_logged = now, k
+                    if bar is not None:
+                        bar.set_postfix(
+                            {key: f"{record[key]:.4g}" for key in ("loss/fake", "loss/dm") if key in record}
+                        )
+                if bar is not None:
+                    bar.update(1)
+                saved = cfg.checkpoint.enabled and (k % cfg.train.save_interval == 0 or last)
+                if saved:
+                    self.save_checkpoint()
+                if signum and not last:
+                    self._stop(signum, saved)
         logger.info("training finished at iteration %d (%s)", self.iteration, self.save_dir)
