@@ -6,8 +6,9 @@
    :mod:`senseflow.data.tiny`, drawn at 2x and box-filtered to 64 px), a training split, a fixed
    evaluation prompt set with known attributes, an independent real set of other prompts (a Frechet reference point) and the
    PNG + ``dataset.json`` the distillation engine reads.
-2. ``backbones``: the tiny random DINOv2 and CLIP of the discriminator (random, fixed: the GAN's heads
-   are the only trained part, as in the real recipe where the backbones are frozen).
+2. ``backbones``: the discriminator's DINOv2 (patch 8 for 64-pixel images), pre-trained here by masked
+   image modelling on the training images (:mod:`senseflow.toy.vfm`), and a tiny random CLIP text
+   tower; both frozen in distillation (the GAN's heads are the only trained part, as in the real recipe).
 3. ``vae``: a small ``AutoencoderKL`` (x4 down-sampling to 16x16x8 latents) trained here as an
    autoencoder on the training split; its scaling and shift factors are measured on the data.
 4. ``teacher``: a ``stable-diffusion-3`` diffusers folder (CLIP-L, CLIP-G and T5 text encoders that are

@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=list(PRESETS),
         default=None,
         help="ci: smoke test (about a minute on a CPU); cpu: real numbers on a 2-core CPU (~25 min); "
-        "gpu: the benchmark (~12 min on one H100). Default: gpu with CUDA, else cpu",
+        "gpu: the benchmark (~14 min on one H100). Default: gpu with CUDA, else cpu",
     )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument(
@@ -49,11 +49,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "preset's; a changed preset needs a new --out",
     )
     p.add_argument(
+        "--vfm-steps",
+        type=int,
+        default=None,
+        help="masked-image-modelling steps of the discriminator's DINOv2 instead of the preset's (0: a random "
+        "backbone, an ablation); a changed preset needs a new --out",
+    )
+    p.add_argument(
         "--reuse",
         default=None,
         help="a finished run's --out: copy its stages before distillation (data, teacher, evaluation "
         "networks, teacher baselines) when its preset differs at most in the distillation settings "
-        "(for sweeps of --distill-iters / --distill-lr)",
+        "(for sweeps of --distill-iters / --distill-lr / --vfm-steps; the backbone is rebuilt when it differs)",
     )
     p.add_argument(
         "--jobs",
@@ -89,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.distill_lr > 0:
                 raise SenseFlowError("--distill-lr: must be positive")
             preset = dataclasses.replace(preset, distill_lr=args.distill_lr)
+        if args.vfm_steps is not None:
+            if args.vfm_steps < 0:
+                raise SenseFlowError("--vfm-steps: must be >= 0")
+            preset = dataclasses.replace(preset, vfm_steps=args.vfm_steps)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise SenseFlowError("--device: cuda requested but no CUDA device is visible")
         from .pipeline import run

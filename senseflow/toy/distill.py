@@ -10,9 +10,10 @@ precision, the learning rate (the same for every variant) and the switches of th
 ``senseflow``       the full recipe (DMD + IDA + ISG + the VFM discriminator)
 ==================  ===================================================================================
 
-The discriminator's backbones are the tiny random DINOv2 (4 blocks, width 32) and open_clip CLIP of
-:mod:`senseflow.discriminator.tiny` (``discriminator.hooks=[1,3] discriminator.c_dim=16``): frozen and
-random, only the heads learn, as only the heads learn in the real recipe (there on a pretrained DINOv2).
+The discriminator reads the toy's DINOv2, pre-trained here by masked image modelling
+(:mod:`senseflow.toy.vfm`; heads on its odd blocks and its patch embedding, :func:`disc_hooks`), and the
+tiny random open_clip CLIP of :mod:`senseflow.discriminator.tiny` (``discriminator.c_dim=16``): both
+frozen, only the heads learn, as in the real recipe (there on a pretrained DINOv2-L).
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 """name -> (label, the overrides that switch components off)."""
 
 
+def disc_hooks(preset: Preset) -> list[int]:
+    """The toy DINOv2 blocks whose outputs feed a discriminator head: the odd ones (1, 3 of 4 blocks)."""
+    return list(range(1, preset.vfm_depth, 2))
+
+
 def engine_overrides(preset: Preset, out: Path, device: torch.device) -> list[str]:
     """Overrides shared by every variant (paths, sizes, precision, learning rate, logging)."""
     precision = (
@@ -54,7 +60,7 @@ def engine_overrides(preset: Preset, out: Path, device: torch.device) -> list[st
         f"paths.dataset={out / 'data' / 'engine' / 'dataset.json'}",
         f"paths.dino={out / 'backbones' / 'dino'}",
         f"paths.clip={out / 'backbones' / 'clip' / 'open_clip_model.safetensors'}",
-        "discriminator.hooks=[1,3]",
+        f"discriminator.hooks=[{','.join(map(str, disc_hooks(preset)))}]",
         "discriminator.c_dim=16",
         *toy_overrides(),
         *(["model.compile_blocks=true", "discriminator.compile_heads=true"] if compiled else []),

@@ -49,11 +49,13 @@ def _count(fn) -> float:
 @functools.lru_cache(maxsize=8)
 def flops_per_image(preset: Preset) -> dict[str, float]:
     """Forward FLOPs per image: transformer (64 image + 117 text tokens), VAE encode and decode,
-    feature net, cell classifier (9 crops)."""
+    feature net, cell classifier (9 crops), the discriminator's DINOv2 with its pixel decoder (masked
+    image modelling)."""
     from diffusers import SD3Transformer2DModel
 
     from .evalnets import CROP, CellClassifier, FeatureNet
     from .teacher import LATENT_CHANNELS, build_vae, latent_side, transformer_config
+    from .vfm import MaskedImageModel, build_dino, random_mask
 
     with torch.random.fork_rng(devices=[]):
         net = SD3Transformer2DModel(**transformer_config(preset)).eval()
@@ -64,6 +66,9 @@ def flops_per_image(preset: Preset) -> dict[str, float]:
         pooled = torch.randn(1, TEXT_WIDTHS[0] + TEXT_WIDTHS[1])
         t = torch.tensor([500.0])
         img = torch.randn(1, 3, RESOLUTION, RESOLUTION)
+        mim = MaskedImageModel(build_dino(preset, 0)).eval()
+        uint8 = torch.zeros(1, RESOLUTION, RESOLUTION, 3, dtype=torch.uint8)
+        mask = random_mask(1, mim.dino.embeddings.patch_embeddings.num_patches, 0.5, torch.Generator())
         return {
             "transformer": _count(
                 lambda: net(
@@ -77,6 +82,7 @@ def flops_per_image(preset: Preset) -> dict[str, float]:
             "vae_encode": _count(lambda: vae.encode(img)),
             "vae_decode": _count(lambda: vae.decode(x)),
             "featnet": _count(lambda: FeatureNet()(img)),
+            "vfm": _count(lambda: mim(uint8, mask)),
             "classifier": 9 * _count(lambda: CellClassifier()(torch.randn(1, 3, CROP, CROP))),
         }
 
@@ -93,6 +99,10 @@ def stage_work(preset: Preset) -> dict[str, dict[str, float]]:
         "data": {
             "cpu_s": RENDER_S_PER_IMAGE * (preset.num_train + 2 * ev) / max(os.cpu_count() or 1, 1)
             + PNG_S_PER_IMAGE * preset.num_distill_images
+        },
+        "backbones": {
+            "flops": 3 * preset.vfm_steps * preset.vfm_batch * f["vfm"],
+            "net_step": preset.vfm_steps,
         },
         "vae": {
             "flops": 3 * preset.vae_steps * preset.vae_batch * (enc + dec)

@@ -140,7 +140,7 @@ def _to_device(arrays: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]
 # --- training -------------------------------------------------------------------------------------------
 
 
-def _train_loop(net, steps, batch, n, loss_fn, lr, seed, what, device):
+def train_loop(net, steps, batch, n, loss_fn, lr, seed, what, device):
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
@@ -189,7 +189,7 @@ def train_feature_net(
         out = net(x[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0)
         return sum(F.cross_entropy(out[k], y[k][idx]) for k in out) / len(out)
 
-    _train_loop(net, steps, batch, len(split), loss_fn, lr, seed, "feature net", device)
+    train_loop(net, steps, batch, len(split), loss_fn, lr, seed, "feature net", device)
     return net
 
 
@@ -223,7 +223,7 @@ def train_cell_classifier(
         idx = idx.to(device)
         return sum(F.cross_entropy(out[k], y[k][idx]) for k in out) / len(out)
 
-    _train_loop(net, steps, batch, len(crops), loss_fn, lr, seed, "cell classifier", device)
+    train_loop(net, steps, batch, len(crops), loss_fn, lr, seed, "cell classifier", device)
     return net
 
 

@@ -51,13 +51,17 @@ def stage_data(d: Path, preset: Preset) -> dict:
     }
 
 
-def stage_backbones(d: Path) -> dict:
-    """The discriminator's tiny random DINOv2 and CLIP (transformers / open_clip layouts)."""
-    from ..discriminator.tiny import build_tiny_clip, build_tiny_dino
+def stage_backbones(d: Path, out: Path, preset: Preset, device: torch.device) -> dict:
+    """The discriminator's DINOv2, pre-trained here on the training images (:mod:`senseflow.toy.vfm`), and
+    its tiny random open_clip CLIP (transformers / open_clip layouts)."""
+    from ..discriminator.tiny import build_tiny_clip
+    from .vfm import build_backbone
 
-    build_tiny_dino(d / "dino", seed=0)
+    train = load_split(out / "data" / "train")
+    heldout = load_split(out / "data" / "eval").images
+    stats = build_backbone(d / "dino", train.images, heldout, preset, _seeds(preset)["weights"], device)
     build_tiny_clip(d / "clip" / "open_clip_model.safetensors", seed=0)
-    return {"dino": str(d / "dino"), "clip": str(d / "clip" / "open_clip_model.safetensors")}
+    return {"dino": stats, "clip": str(d / "clip" / "open_clip_model.safetensors")}
 
 
 def stage_vae(d: Path, out: Path, preset: Preset, device: torch.device) -> dict:
@@ -322,28 +326,36 @@ def reuse_stages(src: Path, out: Path, preset: Preset) -> list[str]:
     the teacher baselines' evaluations) from the run in ``src`` into ``out``; returns their names.
 
     ``src`` must have run a preset equal to ``preset`` in every field before distillation (it may differ
-    in ``DISTILL_FIELDS``: iterations, batch, learning rate, ...). Stages already in ``out`` stay.
+    in ``DISTILL_FIELDS``: iterations, batch, learning rate, ...) except the discriminator backbone's
+    (``BACKBONE_FIELDS``), which only cost the ``backbones`` stage: when they differ it runs again.
+    Stages already in ``out`` stay.
     """
     from ..errors import ConfigError
-    from .presets import DISTILL_FIELDS
+    from .presets import BACKBONE_FIELDS, DISTILL_FIELDS
 
     src = src.resolve()
     path = src / "preset.json"
     if not path.is_file():
         raise ConfigError(f"--reuse: {src} holds no toy run (no preset.json)")
 
-    def before_distillation(fields: dict) -> dict:
-        return {k: v for k, v in fields.items() if k not in DISTILL_FIELDS}
+    def select(fields: dict, keys) -> dict:
+        return {k: v for k, v in fields.items() if k in keys}
 
-    theirs = before_distillation(json.loads(path.read_text()))
-    ours = before_distillation(json.loads(json.dumps(preset.to_dict())))  # tuples as JSON lists
-    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    def differing(theirs: dict, ours: dict) -> list[str]:
+        return sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+
+    theirs = json.loads(path.read_text())
+    ours = json.loads(json.dumps(preset.to_dict()))  # tuples as JSON lists
+    shared = [k for k in ours.keys() | theirs.keys() if k not in DISTILL_FIELDS and k not in BACKBONE_FIELDS]
+    differ = differing(select(theirs, shared), select(ours, shared))
     if differ:
         raise ConfigError(
             f"--reuse: {src} ran other settings before distillation ({', '.join(differ)}); only "
-            f"{', '.join(DISTILL_FIELDS)} may differ"
+            f"{', '.join((*DISTILL_FIELDS, *BACKBONE_FIELDS))} may differ"
         )
-    names = [*SHARED_STAGES, *(f"eval/{m}" for m in methods(preset) if m not in VARIANTS)]
+    same_backbone = not differing(select(theirs, BACKBONE_FIELDS), select(ours, BACKBONE_FIELDS))
+    stages = [s for s in SHARED_STAGES if same_backbone or s != "backbones"]
+    names = [*stages, *(f"eval/{m}" for m in methods(preset) if m not in VARIANTS)]
     copied = []
     for name in names:
         if read_done(src / name) is not None and read_done(out / name) is None:
@@ -376,7 +388,7 @@ def run(
     stages = Stages(out)
     t_start = time.time()
     stages.run("data", lambda d: stage_data(d, preset))
-    stages.run("backbones", stage_backbones)
+    stages.run("backbones", lambda d: stage_backbones(d, out, preset, device))
     stages.run("vae", lambda d: stage_vae(d, out, preset, device))
     stages.run("teacher", lambda d: stage_teacher(d, out, preset, device))
     stages.run("featnet", lambda d: stage_featnet(d, out, preset, device))

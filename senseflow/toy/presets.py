@@ -1,5 +1,5 @@
 """Sizes of the toy benchmark: ``ci`` (smoke test, about a minute on a CPU), ``cpu`` (real numbers on a
-2-core CPU in about 25 minutes) and ``gpu`` (the benchmark of issue 9, about 10 minutes on one H100)."""
+2-core CPU in about 25 minutes) and ``gpu`` (the benchmark of issue 9, about 14 minutes on one H100)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ padding). CLIP always uses 77 tokens in the SD3 adapter."""
 TEXT_WIDTHS = (32, 32, 64)
 """Hidden widths of the random-but-fixed CLIP-L, CLIP-G and T5 encoders (joint attention width = T5's)."""
 
+
+# fields that only the discriminator's backbone (and the distillation) depend on
+BACKBONE_FIELDS = ("vfm_width", "vfm_steps", "vfm_depth", "vfm_batch", "vfm_lr", "vfm_mask_ratio")
 
 # fields that only the distillation stages (and what follows them) depend on
 DISTILL_FIELDS = (
@@ -50,6 +53,10 @@ class Preset:
     depth: int
     teacher_steps: int
     teacher_batch: int
+    # --- the discriminator's DINOv2 (senseflow.toy.vfm; pre-trained here by masked image modelling)
+    vfm_width: int
+    vfm_steps: int
+    """Masked-image-modelling steps; 0 keeps the backbone random."""
     # --- evaluation networks
     featnet_steps: int
     classifier_steps: int
@@ -67,6 +74,11 @@ class Preset:
     teacher_warmup: int = 100
     ema_decay: float = 0.999
     nets_lr: float = 2e-3
+    vfm_depth: int = 4
+    """Blocks of the toy DINOv2; the heads tap the odd ones (``discriminator.hooks``) and the patch embedding."""
+    vfm_batch: int = 128
+    vfm_lr: float = 1e-3
+    vfm_mask_ratio: float = 0.5
     distill_lr: float = 5e-5
     """Learning rate of the generator, fake score and discriminator heads (all variants). 2e-4 until
     2026-11-22: on the ``cpu`` preset it made every student's Frechet distance jump between checkpoints
@@ -108,6 +120,8 @@ PRESETS: dict[str, Preset] = {
         teacher_steps=40,
         teacher_batch=16,
         teacher_warmup=10,
+        vfm_width=32,
+        vfm_steps=20,
         featnet_steps=80,
         classifier_steps=80,
         distill_iters=10,
@@ -131,6 +145,8 @@ PRESETS: dict[str, Preset] = {
         depth=4,
         teacher_steps=1200,
         teacher_batch=32,
+        vfm_width=64,
+        vfm_steps=600,
         featnet_steps=400,
         classifier_steps=300,
         distill_iters=200,
@@ -153,6 +169,8 @@ PRESETS: dict[str, Preset] = {
         teacher_steps=2000,
         teacher_batch=128,
         teacher_warmup=200,
+        vfm_width=128,
+        vfm_steps=4000,
         featnet_steps=1500,
         classifier_steps=1000,
         distill_iters=400,

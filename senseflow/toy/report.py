@@ -92,6 +92,22 @@ def curves(results: dict[str, dict]) -> dict[str, list[dict]]:
     return {name: [start, *results[name].get("curve", [])] for name in VARIANTS}
 
 
+def _vfm_line(v: dict) -> str:
+    """The setup line of the discriminator's DINOv2."""
+    head = (
+        f"- **Discriminator backbone**: Dinov2Model, width {v['width']}, {v['depth']} blocks, patch {v['patch']} "
+        f"({RESOLUTION // v['patch']} x {RESOLUTION // v['patch']} tokens), {v['parameters'] / 1e6:.2f} M parameters, "
+    )
+    if not v["steps"]:
+        return head + "random (not pre-trained)."
+    before, after = v["heldout_before"], v["heldout_after"]
+    return head + (
+        f"pre-trained here by masked image modelling ({v['steps']} steps): held-out masked-patch L1 "
+        f"{before['masked_l1']:.3f} -> {after['masked_l1']:.3f} (predicting the mean image: "
+        f"{after['zero_prediction_l1']:.3f})."
+    )
+
+
 def _stage_seconds(records: dict[str, dict]) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, rec in records.items():
@@ -185,6 +201,7 @@ def write_report(
             "data": records["data"],
             "vae": records["vae"],
             "teacher": records["teacher"],
+            "backbones": records["backbones"],
             "featnet": records["featnet"],
             "classifiers": records["classifiers"],
             "distill_overrides": engine_overrides(preset, out, device),
@@ -294,6 +311,7 @@ def _markdown(report: dict, preset: Preset, table: dict, results: dict, curve: d
         "- **Feature net** (trained here, 64-d bottleneck = FD space): held-out background accuracy "
         + ", ".join(f"{k} {100 * a:.1f} %" for k, a in s["featnet"]["heldout_accuracy"].items())
         + ".",
+        _vfm_line(s["backbones"]["dino"]),
         "- **Cell classifier** (trained here): held-out accuracy on occupied cells "
         + ", ".join(
             f"{k} {100 * a:.1f} %" for k, a in s["classifiers"]["heldout_accuracy_occupied_cells"].items()
@@ -302,8 +320,8 @@ def _markdown(report: dict, preset: Preset, table: dict, results: dict, curve: d
         f"- **Distillation**: `senseflow.engine.Engine`, base `configs/SD35/sd35_senseflow.yaml`; "
         f"{preset.distill_iters} iterations (generator every 10: "
         f"{s['variants']['senseflow']['generator_updates']} generator updates), batch {preset.distill_batch}, "
-        f"LR {preset.distill_lr:g} for every net and variant (warm-up {preset.distill_warmup}); the GAN uses the "
-        "tiny random DINOv2/CLIP backbones (`discriminator.hooks=[1,3] discriminator.c_dim=16`), trainable heads. "
+        f"LR {preset.distill_lr:g} for every net and variant (warm-up {preset.distill_warmup}); the GAN's heads "
+        "(trained) read the toy DINOv2 below and a tiny random CLIP text tower (`discriminator.c_dim=16`). "
         "Shared overrides:",
         "",
         "  ```",
