@@ -18,6 +18,7 @@ from senseflow.toy.data import make_split
 from senseflow.toy.evalnets import (
     classifier_accuracy,
     feature_net_accuracy,
+    frechet_bootstrap_se,
     frechet_distance,
     train_cell_classifier,
     train_feature_net,
@@ -52,6 +53,23 @@ def test_frechet_distance():
     assert shifted[2] == pytest.approx(16 * 1.0**2, rel=1e-6)
     b = rng.normal(size=(400, 16)) * 2.0  # different covariance, same mean
     assert frechet_distance(a, b) > frechet_distance(a, rng.normal(size=(400, 16)))
+
+
+def test_frechet_bootstrap_se():
+    rng = np.random.default_rng(1)
+    small = [
+        frechet_bootstrap_se(rng.normal(size=(200, 8)), rng.normal(size=(200, 8)) + 0.5) for _ in range(3)
+    ]
+    large = [
+        frechet_bootstrap_se(rng.normal(size=(3200, 8)), rng.normal(size=(3200, 8)) + 0.5) for _ in range(3)
+    ]
+    assert min(small) > 0
+    # 16x the prompts: the standard error falls by about 4x (the estimator's sampling noise)
+    assert 2.5 < np.mean(small) / np.mean(large) < 6.5, (small, large)
+    a = rng.normal(size=(100, 4))
+    assert frechet_bootstrap_se(a, a) < 1e-6  # identical sets stay identical under paired resampling
+    with pytest.raises(ValueError, match="differ in length"):
+        frechet_bootstrap_se(a, a[:50])
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +132,7 @@ def test_cli_ci_preset_and_rerun(tiny_cache, tmp_path):
     for name in table:
         assert (report_dir / "grids" / f"{name}.png").is_file(), name
         metrics = report["methods"][name]["metrics"]
-        assert set(metrics) >= {"fd", "color", "shape", "position", "attributes", "scene"}
+        assert set(metrics) >= {"fd", "fd_se", "color", "shape", "position", "attributes", "scene"}
         assert all(_finite(v) for v in metrics.values()), (name, metrics)
     for name in ("dmd", "dmd_ida", "dmd_ida_isg", "senseflow"):
         curve = report["curves"][name]

@@ -7,7 +7,8 @@
   shifted by up to 2 pixels in training), predicting colour, shape and size, each with an "empty" class.
   Attribute accuracy (:func:`attribute_scores`) reads the cell named by each prompted object: colour
   and shape must match, position counts the object as placed when its cell is not empty.
-* :func:`frechet_distance`: the Frechet distance between Gaussians fitted to two feature sets.
+* :func:`frechet_distance`: the Frechet distance between Gaussians fitted to two feature sets;
+  :func:`frechet_bootstrap_se` its bootstrap standard error over the evaluation prompts.
 """
 
 from __future__ import annotations
@@ -296,6 +297,17 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     tr_sqrt = np.sqrt(np.clip(ev, 0, None)).sum()
     fd = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_sqrt)
     return max(fd, 0.0)
+
+
+def frechet_bootstrap_se(a: np.ndarray, b: np.ndarray, reps: int = 50, seed: int = 0) -> float:
+    """Bootstrap standard error of :func:`frechet_distance` over the evaluation set: ``reps`` resamples of
+    the prompts with replacement, the same indices in ``a`` and ``b`` (row i of both belongs to prompt i).
+    It measures the evaluation's sampling noise only, not the spread between training runs."""
+    if len(a) != len(b):
+        raise ValueError(f"paired feature sets differ in length: {len(a)} and {len(b)}")
+    rng = np.random.default_rng(seed)
+    values = [frechet_distance(a[idx], b[idx]) for idx in rng.integers(0, len(a), (reps, len(a)))]
+    return float(np.std(values, ddof=1))
 
 
 def attribute_scores(pred: dict[str, np.ndarray], objects: list[list[dict]]) -> dict[str, float]:

@@ -165,7 +165,13 @@ def methods(preset: Preset) -> dict[str, dict]:
 
 def stage_eval(d: Path, method: str, out: Path, preset: Preset, get_ctx) -> dict:
     """Sample one method on the evaluation prompts (students: at every checkpoint) and score it."""
-    from .evalnets import attribute_scores, extract_features, frechet_distance, predict_cells
+    from .evalnets import (
+        attribute_scores,
+        extract_features,
+        frechet_bootstrap_se,
+        frechet_distance,
+        predict_cells,
+    )
     from .evaluate import (
         grid,
         load_images,
@@ -183,11 +189,13 @@ def stage_eval(d: Path, method: str, out: Path, preset: Preset, get_ctx) -> dict
     if method == "real":
         ctx = get_ctx()
         floor = load_split(out / "data" / "real_floor")
-        fd = frechet_distance(
-            extract_features(ctx.featnet, images_to_tensor(floor.images)), ctx.real_features
-        )
+        feats = extract_features(ctx.featnet, images_to_tensor(floor.images))
+        fd = {
+            "fd": frechet_distance(feats, ctx.real_features),
+            "fd_se": frechet_bootstrap_se(feats, ctx.real_features),
+        }
         real = images_to_tensor(ctx.split.images)
-        metrics = {"fd": fd, **attribute_scores(predict_cells(ctx.classifier, real), ctx.split.objects)}
+        metrics = {**fd, **attribute_scores(predict_cells(ctx.classifier, real), ctx.split.objects)}
         images = real
     elif method == "vae":
         ctx = get_ctx()

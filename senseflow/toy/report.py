@@ -41,8 +41,12 @@ def busy_seconds(records) -> float:
     return total
 
 
-def _fmt_fd(v) -> str:
-    return "–" if v is None or not math.isfinite(v) else (f"{v:.3g}" if v < 100 else f"{v:.0f}")
+def _fmt_fd(v, se=None) -> str:
+    """FD to 3 significant digits, with its bootstrap standard error when known."""
+    if v is None or not math.isfinite(v):
+        return "–"
+    text = f"{v:.3g}" if v < 100 else f"{v:.0f}"
+    return text if se is None or not math.isfinite(se) else f"{text} ± {se:.2g}"
 
 
 def _pct(v) -> str:
@@ -54,7 +58,7 @@ def _row(label: str, steps, nfe, m: dict) -> list[str]:
         label,
         "–" if steps is None else str(steps),
         "–" if nfe is None else str(nfe),
-        _fmt_fd(m["fd"]),
+        _fmt_fd(m["fd"], m.get("fd_se")),
         *[_pct(m[k]) for k in ("color", "shape", "position", "attributes", "scene")],
     ]
 
@@ -246,7 +250,9 @@ def _markdown(report: dict, preset: Preset, table: dict, results: dict, curve: d
         "for every method). FD: Frechet distance to the real images of the same prompts in the feature space "
         "of the feature net trained here; the real row compares an independent real set of *other* prompts "
         "(a reference point, not a floor: generated sets share the reference's prompts, so a good model "
-        "can score below it; the VAE row, paired with the reference images, is near 0). Colour / Shape / Position: % of prompted objects whose grid cell shows the prompted colour / "
+        "can score below it; the VAE row, paired with the reference images, is near 0); ± its bootstrap standard "
+        "error over the evaluation prompts (the evaluation's sampling noise only: retraining the same "
+        "method moves FD by more). Colour / Shape / Position: % of prompted objects whose grid cell shows the prompted colour / "
         "shape / any object, read by the cell classifier trained here; Attributes: their mean; Scene: % of "
         "prompts with every cell exactly right (no missing, wrong or extra object). NFE: transformer "
         "evaluations per image (CFG costs two).",
