@@ -45,10 +45,11 @@ def build(out: Path, preset_name: str, device: torch.device):
         vae_steps=1,
         teacher_steps=1,
         teacher_warmup=1,
+        vfm_steps=1,
     )
     stages = Stages(out)
     stages.run("data", lambda d: stage_data(d, preset))
-    stages.run("backbones", stage_backbones)
+    stages.run("backbones", lambda d: stage_backbones(d, out, preset, device))
     stages.run("vae", lambda d: stage_vae(d, out, preset, device))
     stages.run("teacher", lambda d: stage_teacher(d, out, preset, device))
     return preset
