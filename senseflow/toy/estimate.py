@@ -55,7 +55,7 @@ def flops_per_image(preset: Preset) -> dict[str, float]:
 
     from .evalnets import CROP, CellClassifier, FeatureNet
     from .teacher import LATENT_CHANNELS, build_vae, latent_side, transformer_config
-    from .vfm import MaskedImageModel, build_dino, random_mask
+    from .vfm import TOKENS, MaskedImageModel, build_dino, random_mask
 
     with torch.random.fork_rng(devices=[]):
         net = SD3Transformer2DModel(**transformer_config(preset)).eval()
@@ -68,7 +68,7 @@ def flops_per_image(preset: Preset) -> dict[str, float]:
         img = torch.randn(1, 3, RESOLUTION, RESOLUTION)
         mim = MaskedImageModel(build_dino(preset, 0)).eval()
         uint8 = torch.zeros(1, RESOLUTION, RESOLUTION, 3, dtype=torch.uint8)
-        mask = random_mask(1, mim.dino.embeddings.patch_embeddings.num_patches, 0.5, torch.Generator())
+        mask = random_mask(1, TOKENS, 0.5, torch.Generator())
         return {
             "transformer": _count(
                 lambda: net(

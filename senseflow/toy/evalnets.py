@@ -310,6 +310,11 @@ def frechet_bootstrap_se(a: np.ndarray, b: np.ndarray, reps: int = 50, seed: int
     return float(np.std(values, ddof=1))
 
 
+def fd_metrics(features: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """``fd`` (:func:`frechet_distance`) and ``fd_se`` (:func:`frechet_bootstrap_se`) of a prompt-aligned set."""
+    return {"fd": frechet_distance(features, reference), "fd_se": frechet_bootstrap_se(features, reference)}
+
+
 def attribute_scores(pred: dict[str, np.ndarray], objects: list[list[dict]]) -> dict[str, float]:
     """Prompt fidelity from predicted cell labels and the prompts' objects.
 

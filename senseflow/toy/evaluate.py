@@ -25,8 +25,7 @@ from .evalnets import (
     FeatureNet,
     attribute_scores,
     extract_features,
-    frechet_bootstrap_se,
-    frechet_distance,
+    fd_metrics,
     predict_cells,
 )
 from .presets import RESOLUTION, Preset
@@ -128,10 +127,7 @@ def score(
 ) -> dict[str, float]:
     """Frechet distance to the real evaluation images and attribute accuracy for the evaluation prompts."""
     feats = extract_features(ctx.featnet, images)
-    out = {
-        "fd": frechet_distance(feats, ctx.real_features),
-        "fd_se": frechet_bootstrap_se(feats, ctx.real_features),
-    }
+    out = fd_metrics(feats, ctx.real_features)
     out.update(attribute_scores(predict_cells(ctx.classifier, images), objects or ctx.split.objects))
     return out
 

@@ -165,13 +165,7 @@ def methods(preset: Preset) -> dict[str, dict]:
 
 def stage_eval(d: Path, method: str, out: Path, preset: Preset, get_ctx) -> dict:
     """Sample one method on the evaluation prompts (students: at every checkpoint) and score it."""
-    from .evalnets import (
-        attribute_scores,
-        extract_features,
-        frechet_bootstrap_se,
-        frechet_distance,
-        predict_cells,
-    )
+    from .evalnets import attribute_scores, extract_features, fd_metrics, predict_cells
     from .evaluate import (
         grid,
         load_images,
@@ -190,12 +184,11 @@ def stage_eval(d: Path, method: str, out: Path, preset: Preset, get_ctx) -> dict
         ctx = get_ctx()
         floor = load_split(out / "data" / "real_floor")
         feats = extract_features(ctx.featnet, images_to_tensor(floor.images))
-        fd = {
-            "fd": frechet_distance(feats, ctx.real_features),
-            "fd_se": frechet_bootstrap_se(feats, ctx.real_features),
-        }
         real = images_to_tensor(ctx.split.images)
-        metrics = {**fd, **attribute_scores(predict_cells(ctx.classifier, real), ctx.split.objects)}
+        metrics = {
+            **fd_metrics(feats, ctx.real_features),
+            **attribute_scores(predict_cells(ctx.classifier, real), ctx.split.objects),
+        }
         images = real
     elif method == "vae":
         ctx = get_ctx()

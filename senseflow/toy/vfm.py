@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 PATCH = 8
 """Patch side of the toy backbone: 8 x 8 tokens on a 64-pixel image."""
+TOKENS = (RESOLUTION // PATCH) ** 2
+"""Patch tokens per image."""
 
 
 def build_dino(preset: Preset, seed: int):
@@ -102,8 +104,7 @@ def masked_loss(model: MaskedImageModel, images: np.ndarray, ratio: float, seed:
     losses, baselines = [], []
     for i in range(0, len(images), 256):
         batch = torch.from_numpy(np.ascontiguousarray(images[i : i + 256])).to(device)
-        tokens = (RESOLUTION // PATCH) ** 2
-        mask = random_mask(len(batch), tokens, ratio, gen).to(device)
+        mask = random_mask(len(batch), TOKENS, ratio, gen).to(device)
         loss, baseline = model(batch, mask)
         losses.append(float(loss) * len(batch))
         baselines.append(float(baseline) * len(batch))
@@ -126,10 +127,9 @@ def pretrain(
     ratio = preset.vfm_mask_ratio
     before = masked_loss(model, heldout, ratio, seed, device)
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-    tokens = (RESOLUTION // PATCH) ** 2
 
     def loss_fn(idx, gen):
-        mask = random_mask(len(idx), tokens, ratio, gen).to(device)
+        mask = random_mask(len(idx), TOKENS, ratio, gen).to(device)
         return model(x[idx.to(device)], mask)[0]
 
     train_loop(
