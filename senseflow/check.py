@@ -10,8 +10,9 @@ otherwise. Every problem is reported, not only the first (a config that does not
 
 Checks: the config loads (unknown keys, wrong values); the teacher folder is complete for the recipe
 and holds the weights of every component (unless ``model.random_init``); the discriminator backbones
-(``paths.dino``, ``paths.clip``) when the GAN term is on, and any further ``paths.*`` entry that is
-set; the dataset index is readable, its image paths exist and a sample batch of ``train.batch_size``
+(``paths.dino``, ``paths.clip``) when the GAN term is on, the precomputed prompt embeddings
+(``paths.text_embeddings``: settings, every dataset prompt present), and any further ``paths.*`` entry
+that is set; the dataset index is readable, its image paths exist and a sample batch of ``train.batch_size``
 images loads with the right shape; the GPUs against the processes (``--nproc``) the job will start; the
 save directory (``--save-dir``) is writable.
 
@@ -308,12 +309,32 @@ def check_other_paths(cfg) -> CheckResult:
     named = []
     for f in dataclasses.fields(cfg.paths):
         value = getattr(cfg.paths, f.name)
-        if f.name in ("pretrained_model", "dataset", "dino", "clip") or not value:
+        if f.name in ("pretrained_model", "dataset", "dino", "clip", "text_embeddings") or not value:
             continue
         named.append(f"paths.{f.name}")
         if not Path(value).expanduser().exists():
             result.problems.append(ConfigError(f"paths.{f.name}: {value} does not exist"))
     result.ok = f"{', '.join(named)}: present" if named else ""
+    return result
+
+
+def check_text_embeddings(cfg, dataset) -> CheckResult:
+    """``paths.text_embeddings``, when set: built for this config's settings and holding every prompt of
+    the dataset (skipped when the dataset did not load)."""
+    from .data.text_cache import TextEmbeddingCache
+
+    result = CheckResult("text embeddings")
+    if not cfg.paths.text_embeddings:
+        return result
+    try:
+        cache = TextEmbeddingCache(cfg.paths.text_embeddings, cfg)
+        if dataset is not None:
+            cache.require(dataset.all_prompts())
+    except SenseFlowError as err:
+        result.problems.append(err)
+        return result
+    covered = "every prompt of paths.dataset" if dataset is not None else "not checked against the dataset"
+    result.ok = f"paths.text_embeddings: {cache.meta['count']} prompt embeddings ({covered})"
     return result
 
 
@@ -383,6 +404,7 @@ def preflight_checks(cfg, check_paths: bool | None = None) -> tuple[Path, Any]:
     data.raise_first()
     check_backbones(cfg).raise_first()
     check_other_paths(cfg).raise_first()
+    check_text_embeddings(cfg, data.value).raise_first()
     return teacher.value, data.value
 
 
@@ -412,6 +434,7 @@ def run_checks(
         lines.append("SKIP sample batch: the dataset index did not load")
     lines += check_backbones(cfg).lines()
     lines += check_other_paths(cfg).lines()
+    lines += check_text_embeddings(cfg, data.value).lines()
     lines += check_devices(cfg, nproc).lines()
     if save_dir is not None:
         lines += check_save_dir(save_dir).lines()

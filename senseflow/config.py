@@ -37,6 +37,11 @@ class PathsConfig:
     flux_wo_guidance_embed: str = ""
     """FLUX only, optional: a transformer folder with guidance_embeds false for the student (the original's
     recipe); empty builds it from the teacher by dropping the guidance embedder."""
+    text_embeddings: str = ""
+    """Optional: an LMDB folder of the dataset's prompt embeddings, built beforehand with
+    ``python -m senseflow.data.text_cache CONFIG`` (``senseflow/data/text_cache.py``). Set, the run reads
+    them and never loads the teacher's text encoders (SD3.5 and FLUX: 11.4 GiB of bf16 weights per GPU,
+    and their forward in every iteration); empty, prompts are encoded in every iteration."""
 
 
 @dataclass

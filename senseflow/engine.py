@@ -161,6 +161,8 @@ class Engine:
 
         self._build_data()
         self.adapter = build_adapter(cfg, info)
+        if self.adapter.text_cache is not None:  # paths.text_embeddings: every prompt must be there
+            self.adapter.text_cache.require(self.dataset.all_prompts())
         self.schedule = self.adapter.schedule
         self.latent_shape = self.adapter.latent_shape(cfg.train.resolution)
         t0 = time.time()

@@ -272,7 +272,8 @@ def build_inference(
     """The recipe config and its teacher adapter for single-process inference.
 
     ``paths.pretrained_model`` is ``teacher_dir`` (``tiny:``/``arch:`` names are built as in training);
-    the dataset and discriminator paths, which inference never reads, get placeholders. The text
+    the dataset and discriminator paths, which inference never reads, get placeholders, and
+    ``paths.text_embeddings`` is cleared (prompts are always encoded). The text
     encoders run in ``dtype``, the VAE in the recipe's ``precision.vae``, T5 with the recipe's
     ``model.t5_max_length`` (77, as in training: fixes B14).
 
@@ -289,6 +290,7 @@ def build_inference(
         extra.append("model.random_init=true")
     cfg = load_config(config_path, [*overrides, *placeholders, *extra])
     cfg.paths.pretrained_model = str(resolve_path(str(teacher_dir)))
+    cfg.paths.text_embeddings = ""  # inference prompts are encoded, whatever a training config set
     validate(cfg, f"{config_path} (teacher {teacher_dir})")
     info = DistInfo(0, 1, 0, device if load_components else torch.device("meta"))
     adapter = build_adapter(cfg, info)

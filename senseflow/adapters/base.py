@@ -9,7 +9,7 @@ in the family's conventions. Predictions are returned in the family's own parame
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -109,7 +109,8 @@ class TeacherAdapter:
 
     Subclasses set :attr:`schedule`, :attr:`transformer_cls`, :attr:`transformer_config`, the text
     encoders, and call :meth:`_load_vae`; they implement :meth:`blocks`, :meth:`forward`,
-    :meth:`encode_prompts` and :meth:`latent_shape`.
+    :meth:`encode_text` and :meth:`latent_shape`, and load their tokenizers and text encoders through
+    :meth:`_text_side`.
     """
 
     family: str = ""
@@ -286,9 +287,31 @@ class TeacherAdapter:
 
     # --- conditioning and latents -------------------------------------------------------------------
 
-    def encode_prompts(self, prompts: list[str]) -> Cond:
-        """Teacher text conditioning of a batch of captions (no gradient)."""
+    def _text_side(self, build: Callable[[], tuple[list, list[nn.Module]]]) -> None:
+        """The tokenizers and text encoders from ``build()``, or none of them when ``paths.text_embeddings``
+        names precomputed embeddings (:mod:`senseflow.data.text_cache`), which are then read instead."""
+        from ..data.text_cache import open_text_cache
+
+        self.text_cache = open_text_cache(self.cfg)
+        self.tokenizers, self.text_encoders = ([], []) if self.text_cache is not None else build()
+
+    def encode_text(self, prompts: list[str]) -> Cond:
+        """The text encoders' outputs for a batch of captions (no gradient): what
+        :mod:`senseflow.data.text_cache` stores."""
         raise NotImplementedError
+
+    def complete_cond(self, text: Cond, batch: int) -> Cond:
+        """Add the conditioning that does not come from the text (SDXL's micro-conditioning)."""
+        return text
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """Teacher conditioning of a batch of captions: encoded, or read from ``paths.text_embeddings``."""
+        if self.text_cache is not None:
+            text = self.text_cache.lookup(prompts, self.device)
+        else:
+            text = self.encode_text(prompts)
+        return self.complete_cond(text, len(prompts))
 
     def empty_cond(self, batch: int) -> Cond:
         """The unconditional branch (the empty prompt), encoded once and cached."""

@@ -87,14 +87,18 @@ class FluxAdapter(TeacherAdapter):
             )
         self._student_dir = self._wo_guidance_dir(cfg.paths.flux_wo_guidance_embed)
         te_dtype = DTYPE[cfg.precision.text_encoders]
-        self.tokenizers = [
-            CLIPTokenizer.from_pretrained(self.root / "tokenizer"),
-            T5TokenizerFast.from_pretrained(self.root / "tokenizer_2"),
-        ]
-        self.text_encoders = [
-            self._load(CLIPTextModel, "text_encoder", te_dtype),
-            self._load(T5EncoderModel, "text_encoder_2", te_dtype),
-        ]
+        self._text_side(
+            lambda: (
+                [
+                    CLIPTokenizer.from_pretrained(self.root / "tokenizer"),
+                    T5TokenizerFast.from_pretrained(self.root / "tokenizer_2"),
+                ],
+                [
+                    self._load(CLIPTextModel, "text_encoder", te_dtype),
+                    self._load(T5EncoderModel, "text_encoder_2", te_dtype),
+                ],
+            )
+        )
         self._load_vae(AutoencoderKL)
         self._ids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -166,7 +170,7 @@ class FluxAdapter(TeacherAdapter):
     # --- conditioning and latents -------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Cond:
+    def encode_text(self, prompts: list[str]) -> Cond:
         tok_clip, tok_t5 = self.tokenizers
         enc_clip, enc_t5 = self.text_encoders
         ids = tok_clip(

@@ -52,16 +52,20 @@ class SD3Adapter(TeacherAdapter):
         self.transformer_cls = SD3Transformer2DModel
         self.transformer_config = SD3Transformer2DModel.load_config(self.root / "transformer")
         te_dtype = DTYPE[cfg.precision.text_encoders]
-        self.tokenizers = [
-            CLIPTokenizer.from_pretrained(self.root / "tokenizer"),
-            CLIPTokenizer.from_pretrained(self.root / "tokenizer_2"),
-            T5TokenizerFast.from_pretrained(self.root / "tokenizer_3"),
-        ]
-        self.text_encoders = [
-            self._load(CLIPTextModelWithProjection, "text_encoder", te_dtype),
-            self._load(CLIPTextModelWithProjection, "text_encoder_2", te_dtype),
-            self._load(T5EncoderModel, "text_encoder_3", te_dtype),
-        ]
+        self._text_side(
+            lambda: (
+                [
+                    CLIPTokenizer.from_pretrained(self.root / "tokenizer"),
+                    CLIPTokenizer.from_pretrained(self.root / "tokenizer_2"),
+                    T5TokenizerFast.from_pretrained(self.root / "tokenizer_3"),
+                ],
+                [
+                    self._load(CLIPTextModelWithProjection, "text_encoder", te_dtype),
+                    self._load(CLIPTextModelWithProjection, "text_encoder_2", te_dtype),
+                    self._load(T5EncoderModel, "text_encoder_3", te_dtype),
+                ],
+            )
+        )
         self._load_vae(AutoencoderKL)
 
     def blocks(self, net):
@@ -78,7 +82,7 @@ class SD3Adapter(TeacherAdapter):
         return out.float()
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Cond:
+    def encode_text(self, prompts: list[str]) -> Cond:
         tok_l, tok_g, tok_t5 = self.tokenizers
         enc_l, enc_g, enc_t5 = self.text_encoders
         clip_states, pooled = [], []

@@ -106,14 +106,18 @@ class SDXLAdapter(TeacherAdapter):
         self.transformer_cls = _unet_class()
         self.transformer_config = self.transformer_cls.load_config(self.root / "unet")
         te_dtype = DTYPE[cfg.precision.text_encoders]
-        self.tokenizers = [
-            CLIPTokenizer.from_pretrained(self.root / "tokenizer"),
-            CLIPTokenizer.from_pretrained(self.root / "tokenizer_2"),
-        ]
-        self.text_encoders = [
-            self._load(CLIPTextModel, "text_encoder", te_dtype),
-            self._load(CLIPTextModelWithProjection, "text_encoder_2", te_dtype),
-        ]
+        self._text_side(
+            lambda: (
+                [
+                    CLIPTokenizer.from_pretrained(self.root / "tokenizer"),
+                    CLIPTokenizer.from_pretrained(self.root / "tokenizer_2"),
+                ],
+                [
+                    self._load(CLIPTextModel, "text_encoder", te_dtype),
+                    self._load(CLIPTextModelWithProjection, "text_encoder_2", te_dtype),
+                ],
+            )
+        )
         self._load_vae(AutoencoderKL)
         res = cfg.train.resolution
         self.time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32, device=self.device)
@@ -173,7 +177,7 @@ class SDXLAdapter(TeacherAdapter):
     # --- conditioning -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Cond:
+    def encode_text(self, prompts: list[str]) -> Cond:
         states, pooled = [], None
         for tok, enc in zip(self.tokenizers, self.text_encoders):
             ids = tok(
@@ -182,12 +186,11 @@ class SDXLAdapter(TeacherAdapter):
             out = enc(ids.to(self.device), output_hidden_states=True)
             states.append(out.hidden_states[-2])
             pooled = getattr(out, "text_embeds", None)
-        n = len(prompts)
-        return {
-            "prompt_embeds": torch.cat(states, dim=-1),
-            "pooled": pooled,
-            "time_ids": self.time_ids.expand(n, -1).to(pooled.dtype),
-        }
+        return {"prompt_embeds": torch.cat(states, dim=-1), "pooled": pooled}
+
+    def complete_cond(self, text: Cond, batch: int) -> Cond:
+        """The micro-conditioning time ids of ``train.resolution`` (spec §9.2)."""
+        return {**text, "time_ids": self.time_ids.expand(batch, -1).to(text["pooled"].dtype)}
 
     def empty_cond(self, batch: int) -> Cond:
         """All-zero text and pooled embeddings with the usual time ids (DMD2's unconditional branch)."""

@@ -162,6 +162,10 @@ class JsonImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.keys)
 
+    def all_prompts(self) -> list[str]:
+        """Every entry's prompt, in index order (no image is read)."""
+        return list(self.prompts)
+
     def _describe(self, i: int) -> str:
         return f"{self.config_key}: entry {i} (key {self.keys[i]!r}, path {self.image_paths[i]})"
 

@@ -34,7 +34,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,24 +177,25 @@ def _latent_shape(vae, resolution: int) -> tuple[int, int, int]:
     return int(vae.config.latent_channels), resolution // factor, resolution // factor
 
 
-def _open_out(out: Path, map_size: int):
-    """Open (creating if needed) the output environment for writing; refuse folders that are not ours."""
+def open_lmdb_writer(out: Path, map_size: int, key: str = "--out"):
+    """Open (creating if needed) the output environment for writing; refuse folders that are not ours
+    (errors name ``key``, the option or config key that gave ``out``)."""
     import lmdb
 
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out: {out} exists and is not a folder")
+        raise ConfigError(f"{key}: {out} exists and is not a folder")
     if out.is_dir():
         extra = sorted(p.name for p in out.iterdir() if p.name not in ("data.mdb", "lock.mdb"))
         if extra and not (out / "data.mdb").exists():
             raise ConfigError(
-                f"--out: {out} is a non-empty folder that is not an LMDB environment (holds {extra[0]!r})"
+                f"{key}: {out} is a non-empty folder that is not an LMDB environment (holds {extra[0]!r})"
             )
     out.mkdir(parents=True, exist_ok=True)
     try:
         env = lmdb.open(str(out), map_size=map_size, subdir=True, readonly=False, meminit=False)
     except lmdb.Error as e:
         raise DataError(
-            f"--out: {out} cannot be opened as an LMDB environment ({type(e).__name__}: {e})"
+            f"{key}: {out} cannot be opened as an LMDB environment ({type(e).__name__}: {e})"
         ) from None
     if env.info()["map_size"] < map_size:
         env.set_mapsize(map_size)
@@ -276,7 +277,7 @@ def convert_json_to_lmdb(
     settings = _settings(ds, resolution, seed, skip_bad, model, shape)
     n_src = len(ds)
 
-    env = _open_out(out, _estimate_map_size(n_src, latent_bytes, ds))
+    env = open_lmdb_writer(out, _estimate_map_size(n_src, latent_bytes, ds))
     try:
         with env.begin() as txn:
             raw = txn.get(PROGRESS_KEY.encode())
@@ -391,16 +392,18 @@ def convert_json_to_lmdb(
         env.close()
 
 
-def _commit(env, records: list[tuple[bytes, bytes]], expected_next: int, out: Path) -> None:
-    """Write ``records`` in one transaction, growing the map when full; refuse if another run moved on."""
+def commit_records(
+    env, records: list[tuple[bytes, bytes]], check: Callable[[Any], None] | None = None
+) -> None:
+    """Write ``records`` in one transaction, growing the map when full; ``check(txn)`` runs first in the
+    same transaction and may raise to refuse the write."""
     import lmdb
 
     while True:
         try:
             with env.begin(write=True) as txn:
-                raw = txn.get(PROGRESS_KEY.encode())
-                if raw is not None and json.loads(raw.decode("utf-8"))["next_source"] != expected_next:
-                    raise DataError(f"--out: {out} is being written by another conversion at the same time")
+                if check is not None:
+                    check(txn)
                 for key, value in records:
                     txn.put(key, value)
             return
@@ -408,6 +411,17 @@ def _commit(env, records: list[tuple[bytes, bytes]], expected_next: int, out: Pa
             size = env.info()["map_size"] * 2
             logger.info("LMDB map full; growing it to %.1f GiB", size / 2**30)
             env.set_mapsize(size)
+
+
+def _commit(env, records: list[tuple[bytes, bytes]], expected_next: int, out: Path) -> None:
+    """Write ``records`` and the progress record; refuse if another run moved on."""
+
+    def unchanged(txn) -> None:
+        raw = txn.get(PROGRESS_KEY.encode())
+        if raw is not None and json.loads(raw.decode("utf-8"))["next_source"] != expected_next:
+            raise DataError(f"--out: {out} is being written by another conversion at the same time")
+
+    commit_records(env, records, unchanged)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,6 +188,17 @@ class LmdbLatentDataset(Dataset):
     def __len__(self) -> int:
         return self.shape[0]
 
+    def all_prompts(self) -> list[str]:
+        """Every entry's prompt, in index order (no latent is read)."""
+        prompts = []
+        with _shared_env(self.path, self.config_key).begin(buffers=False) as txn:
+            for i in range(len(self)):
+                raw = txn.get(prompt_key(i).encode())
+                if raw is None:
+                    raise DataError(f"{self._where()} entry {i}: key '{prompt_key(i)}' is missing")
+                prompts.append(raw.decode("utf-8", errors="replace"))
+        return prompts
+
     def close(self) -> None:
         """Close this process's environment of the database (it is reopened on the next read)."""
         close_lmdb(self.path)
