@@ -122,6 +122,7 @@ def test_bench_sd35_tiny(tiny_cache, tmp_path):
     phases = {"text_encode", "vae_encode", "backward_simulation", "disc_conditioning", "gen_forward", "isg"}
     phases |= {"dm", "gan_generator", "gen_backward_step", "ida", "fake_step", "disc_step"}
     check_run(stdout, result, phases, period=10)
+    assert result["text_embeddings"] == "encoded"
     assert result["overrides"][-1] == "train.seed=3"  # extra overrides come last
     # the first warm-up iteration logs each phase as it ends (a slow first iteration shows where it is)
     traced = re.findall(r"phase (\w+) done in", log)
@@ -138,9 +139,14 @@ def test_bench_sd35_tiny(tiny_cache, tmp_path):
 
 def test_bench_sdxl_dmd2_tiny(tiny_cache, tmp_path):
     prof = tmp_path / "profile"
-    stdout, result, _ = bench(tiny_cache, tmp_path, "sdxl_dmd2", "--profile", str(prof))
+    stdout, result, log = bench(
+        tiny_cache, tmp_path, "sdxl_dmd2", "--profile", str(prof), "--text-embeddings"
+    )
     phases = {"text_encode", "gen_forward", "dm", "classifier", "gen_backward_step", "fake_step"}
     check_run(stdout, result, phases, period=5)
+    # --text-embeddings: the prompts were encoded before the engine, which loaded no text encoder
+    assert result["text_embeddings"] == "precomputed"
+    assert re.search(r"paths.text_embeddings: \d+ precomputed prompt embeddings .* not loaded", log)
     # --profile: one other and one generator iteration after the window, each phase a named range
     p = result["profile"]
     assert p["iterations"] == [11, 15]  # the window ends with the generator iteration 10

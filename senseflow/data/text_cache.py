@@ -195,6 +195,7 @@ def build_text_cache(
     settings = cache_settings(cfg)
     enc_cfg = copy.deepcopy(cfg)
     enc_cfg.paths.text_embeddings = ""  # this is what builds them
+    enc_cfg.model.shard_text_encoders = False  # this process alone encodes (no collectives)
     adapter = build_adapter(enc_cfg, info)
     with torch.no_grad():
         sample = adapter.encode_text([""])
