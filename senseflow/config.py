@@ -60,6 +60,12 @@ class ModelConfig:
     all-gathering its layers at every prompt encoding: on 2 x H200 (SD3.5 Medium, with 8-bit AdamW) prompt
     encoding went from 43 to 168 ms per iteration, and the memory saved matched the prediction
     (``benchmarks/NOTES.md``). Same outputs. No effect in a single process."""
+    offload_teacher: bool = False
+    """Keep the frozen teacher's weights (bf16; SD3.5 Medium 4.2 GiB, divided by the number of GPUs) in
+    pinned host memory except in generator iterations (one in ``distill.generator_period``) and image-strip
+    iterations, the only ones that run it. They are copied back at the start of such an iteration, on a
+    side CUDA stream that overlaps the phases before the teacher's first forward, and freed at its end;
+    the host copy is taken once (the teacher never changes). Same results."""
     shard_discriminator: bool = False
     """Shard the VFM discriminator's trainable heads over the ranks with FSDP2 (per head, fp32) instead of
     replicating them on every GPU: their fp32 weights, gradients and AdamW states take 16 bytes per

@@ -52,7 +52,7 @@ from .losses.gan import dmd2_classifier_loss, dmd2_generator_loss, hinge_d_fake,
 from .losses.ida import implicit_distribution_alignment_
 from .losses.isg import intra_segment_guidance_loss, sdxl_legacy_isg_loss
 from .metrics import MetricsSink, image_grid
-from .offload import StateOffload
+from .offload import ModuleParking, StateOffload
 from .optim import adamw8bit
 from .parallel import DTYPE, full_state_dict, local_tensor, reshard, shard
 from .profiling import PhaseTimer
@@ -167,7 +167,7 @@ class Engine:
         self.latent_shape = self.adapter.latent_shape(cfg.train.resolution)
         t0 = time.time()
         torch.manual_seed(cfg.train.seed)  # randomly initialised parts (DMD2 head, D heads) are reproducible
-        generator, fake, self.teacher = self.adapter.build_networks()
+        generator, fake, self._teacher = self.adapter.build_networks()
         logger.info("built generator, fake score and teacher in %.1fs", time.time() - t0)
         self.G = self._trainee(generator)
         self.F = self._trainee(fake)
@@ -183,6 +183,11 @@ class Engine:
             when = "during generator steps" + (" (copies overlapped with compute)" if side else "")
             self.park_fake = StateOffload(self.F.opt, pin, "fake score", when=when, stream=side)
         self.disc, self.D = self._build_discriminator()
+        self.park_teacher = None  # model.offload_teacher: in host memory outside generator iterations
+        if cfg.model.offload_teacher:
+            side = torch.cuda.Stream(self.device) if pin else None
+            self.park_teacher = ModuleParking(self._teacher, pin, "teacher", side)
+            self.park_teacher.park()
 
         grid = torch.tensor(self.d.anchors, dtype=torch.long)
         self.anchor_grid = grid.to(self.device)
@@ -202,6 +207,13 @@ class Engine:
         )
         self.iteration = 0
         self.counters = {"skipped_images": 0, "nonfinite_gen": 0, "nonfinite_fake": 0, "nonfinite_disc": 0}
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen teacher, on the device (brought back first if ``model.offload_teacher`` parked it)."""
+        if self.park_teacher is not None:
+            self.park_teacher.ensure()
+        return self._teacher
 
     # --- construction -------------------------------------------------------------------------------
 
@@ -494,6 +506,9 @@ class Engine:
         steps = int(torch.randint(0, len(d.anchors), (1,), generator=self.rng.control)) if backsim else None
         prompts = list(batch["prompt"])
         n = len(prompts)
+        save = bool(self.cfg.train.image_interval) and k % self.cfg.train.image_interval == 0
+        if self.park_teacher is not None and (gen_step or save):
+            self.park_teacher.unpark()  # on a side stream: overlaps the phases before the teacher's first use
         with torch.no_grad(), self.timer.phase("text_encode"):
             cond = self.adapter.encode_prompts(prompts)
             uncond = self.adapter.empty_cond(n)
@@ -530,9 +545,11 @@ class Engine:
             with self.timer.phase("disc_step"):
                 metrics.update(self.disc_step(image_gen, images, adv))
         metrics["lr"] = torch.tensor(self.F.sched.get_last_lr()[0])
-        if self.cfg.train.image_interval and k % self.cfg.train.image_interval == 0:
+        if save:
             real = images if images is not None else self.adapter.decode_latents(x0_real)
             self.save_images(k, x_in, level, x0_gen, cond, uncond, real)
+        if self.park_teacher is not None:
+            self.park_teacher.park()
         return metrics
 
     def classifier_logits(self, x0: torch.Tensor, cond) -> torch.Tensor:

@@ -213,3 +213,79 @@ class StateOffload:
             for p, g in zip(params, grads):
                 p.grad = g
         self._announce()
+
+
+class ModuleParking:
+    """A frozen module's parameters in pinned host memory while it is not needed (``model.offload_teacher``).
+
+    The parameters keep their identity: the storages under their (local) tensors are freed with
+    ``resize_(0)`` by :meth:`park` and given back by :meth:`unpark`, which copies the values in from a
+    host copy taken at the first park (the module is frozen, so it never has to be copied out again).
+    With a side ``stream`` the copy back overlaps the work queued after :meth:`unpark`; :meth:`ready`
+    (also called by :meth:`ensure`) makes the current stream wait for it. Storages are freed only after
+    the work queued before :meth:`park` in the current stream's order, as for the optimiser states.
+    """
+
+    def __init__(self, module: torch.nn.Module, pin: bool, label: str = "", stream=None) -> None:
+        storages = {}
+        for p in module.parameters():
+            s = local_tensor(p.detach()).untyped_storage()
+            storages.setdefault(s.data_ptr(), s)
+        self.storages = list(storages.values())
+        self.nbytes = [s.nbytes() for s in self.storages]
+        self.pin = pin
+        self.label = label
+        self.stream = stream
+        self._host: list[torch.UntypedStorage] | None = None
+        self._copied = None
+        self.parked = False
+
+    @torch.no_grad()
+    def park(self) -> None:
+        """Free the device storage (the first call keeps a host copy)."""
+        if self.parked:
+            return
+        self.ready()
+        if self._host is None:
+            self._host = []
+            for s in self.storages:
+                host = torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=self.pin).untyped_storage()
+                host.copy_(s)
+                self._host.append(host)
+            logger.info(
+                "%s: %.2f GiB of parameters on this device kept in host memory while not needed",
+                self.label,
+                sum(self.nbytes) / 2**30,
+            )
+        for s in self.storages:
+            s.resize_(0)
+        self.parked = True
+
+    @torch.no_grad()
+    def unpark(self) -> None:
+        """Give the storage back and queue the copy of the values (on the side stream, if any)."""
+        if not self.parked:
+            return
+        for s, n in zip(self.storages, self.nbytes):
+            s.resize_(n)
+        ctx = contextlib.nullcontext()
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+            ctx = torch.cuda.stream(self.stream)
+        with ctx:
+            for s, host in zip(self.storages, self._host):
+                s.copy_(host, non_blocking=self.pin)
+        if self.stream is not None:
+            self._copied = self.stream.record_event()
+        self.parked = False
+
+    def ready(self) -> None:
+        """Make the current stream wait for the copy queued by :meth:`unpark` (no-op without one)."""
+        if self._copied is not None:
+            torch.cuda.current_stream(self.stream.device).wait_event(self._copied)
+            self._copied = None
+
+    def ensure(self) -> None:
+        """The parameters are (or, in the current stream's order, will be) on the device."""
+        self.unpark()
+        self.ready()

@@ -268,3 +268,50 @@ def test_bench_counts_freed_storage_as_nothing():
     assert _tensor_bytes(t) == 40
     t.untyped_storage().resize_(0)
     assert _tensor_bytes(t) == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_teacher_parked_outside_generator_iterations(tiny_cache, tmp_path, monkeypatch, device):
+    """``model.offload_teacher``: the teacher's weights leave the device after each iteration that used it
+    and are back (copied on a side stream on GPUs) when a generator iteration or an image strip runs it;
+    the same losses and weights as without."""
+    common = [
+        "train.log_interval=1",
+        "distill.generator_period=2",
+        "train.iter_num=5",
+        "checkpoint.enabled=false",
+    ]
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "park").mkdir()
+    plain = _tiny_engine(tmp_path / "plain", device, *common, "train.image_interval=3")
+    plain.train()
+    park = _tiny_engine(
+        tmp_path / "park", device, *common, "train.image_interval=3", "model.offload_teacher=true"
+    )
+    parking = park.park_teacher
+    assert parking.parked and all(s.nbytes() == 0 for s in parking.storages)
+    seen = []  # (iteration, teacher bytes on the device during the fake step, during the teacher's forwards)
+    fake_step, forward = park.fake_step, park.adapter.forward
+
+    def spy_fake(*a, **kw):
+        seen.append(("fake", park.iteration + 1, sum(s.nbytes() for s in parking.storages)))
+        return fake_step(*a, **kw)
+
+    def spy_forward(net, *a, **kw):
+        if net is park._teacher:
+            seen.append(("teacher", park.iteration + 1, sum(s.nbytes() for s in parking.storages)))
+        return forward(net, *a, **kw)
+
+    monkeypatch.setattr(park, "fake_step", spy_fake)
+    monkeypatch.setattr(park.adapter, "forward", spy_forward)
+    park.train()
+    total = sum(parking.nbytes)
+    assert total > 0
+    teacher_its = {k for what, k, _ in seen if what == "teacher"}
+    assert teacher_its == {2, 3, 4}  # generator iterations 2 and 4, the image strip of iteration 3
+    assert all(b == total for what, _, b in seen if what == "teacher")
+    assert {k: b for what, k, b in seen if what == "fake"} == {1: 0, 2: total, 3: total, 4: total, 5: 0}
+    assert parking.parked
+    assert _losses(_metrics(tmp_path / "park")) == _losses(_metrics(tmp_path / "plain"))
+    for a, b in zip([*plain.G.params, *plain.F.params], [*park.G.params, *park.F.params]):
+        assert torch.equal(a, b)
