@@ -179,9 +179,7 @@ class Engine:
         # optimizer.offload_fake_state=generator_step: F's states are away during G's losses and step only
         self.park_fake = None
         if cfg.optimizer.offload_fake_state == "generator_step":
-            side = torch.cuda.Stream(self.device) if pin and cfg.optimizer.offload_overlap else None
-            when = "during generator steps" + (" (copies overlapped with compute)" if side else "")
-            self.park_fake = StateOffload(self.F.opt, pin, "fake score", when=when, stream=side)
+            self.park_fake = StateOffload(self.F.opt, pin, "fake score", when="during generator steps")
         self.disc, self.D = self._build_discriminator()
         self.park_teacher = None  # model.offload_teacher: in host memory outside generator iterations
         if cfg.model.offload_teacher:
@@ -323,8 +321,6 @@ class Engine:
         norm = torch.nn.utils.clip_grad_norm_(t.params, self.cfg.train.grad_clip)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        if t is self.F and self.park_fake is not None:
-            self.park_fake.ready()  # optimizer.offload_overlap: the states' copy back has arrived
         if torch.isfinite(norm):
             if t.offload is not None:
                 t.offload.step(lambda: self._opt_step(t, name))
@@ -576,13 +572,12 @@ class Engine:
         if self.park_fake is None:
             return self._generator_step(x_in, level, cond_level, anchor_idx, cond, uncond, adv)
         with self.timer.phase("fake_state_offload"):
-            self.park_fake.offload()  # overlapped: freed at release(), before the generator's backward
+            self.park_fake.offload()
         try:
             return self._generator_step(x_in, level, cond_level, anchor_idx, cond, uncond, adv)
         finally:
             with self.timer.phase("fake_state_offload"):
-                self.park_fake.release()
-                self.park_fake.load()  # overlapped: awaited before the fake score's step
+                self.park_fake.load()
 
     def _generator_step(self, x_in, level, cond_level, anchor_idx, cond, uncond, adv):
         """:meth:`generator_step` with the fake score's states wherever they are."""
@@ -614,9 +609,6 @@ class Engine:
             loss = loss + gan
             metrics["loss/gan"] = gan.detach()
         metrics["loss/gen"] = loss.detach()
-        if self.park_fake is not None:
-            with phase("fake_state_offload"):
-                self.park_fake.release()
         with phase("gen_backward_step"):
             metrics["grad_norm/gen"] = self._step(self.G, [loss], "gen")
         if self.disc is not None and not self.cfg.compat.d_grad_leak:

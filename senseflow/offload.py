@@ -12,19 +12,10 @@ The state tensors stay the same objects: their storage is resized to zero bytes 
 frees unsharded parameters, so the optimiser (fused kernel included), DTensor wrappers and checkpointing
 see no difference. Both copies are queued on the current stream without a host synchronisation: the
 stream orders them against the step, and a freed block is only reused by later work on that stream.
-
-With a side ``stream`` (``optimizer.offload_overlap``) the copies are queued there instead and overlap
-the compute that follows: :meth:`StateOffload.offload` leaves the device storage in place until
-:meth:`StateOffload.release` (the current stream waits for the copy, then frees it), and
-:meth:`StateOffload.load` returns before the values have arrived; :meth:`StateOffload.ready` makes the
-current stream wait for them. Each copy waits for the work queued on the current stream before it, and a
-storage is freed only after the current stream has waited for the copy that reads it, so the caching
-allocator cannot hand a block to new work while a copy still uses it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -57,8 +48,6 @@ class StateOffload:
         label: names the optimiser in the log line of the first offload.
         when: says in that line when the states are away.
         chunks: parts of the parameters :meth:`step` updates one after the other.
-        stream: a side CUDA stream for the copies of :meth:`offload` and :meth:`load` (see the module
-            docstring); None queues them on the current stream.
     """
 
     def __init__(
@@ -68,12 +57,8 @@ class StateOffload:
         label: str = "",
         chunks: int = 1,
         when: str = "between steps",
-        stream: torch.cuda.Stream | None = None,
     ) -> None:
         self.opt = opt
-        self.stream = stream
-        self._pending: list[torch.Tensor] = []  # copied (or being copied) to the host, not yet freed
-        self._copied: torch.cuda.Event | None = None  # the side stream's last copy
         self.pin = pin
         self.label = label
         self.when = when
@@ -106,53 +91,23 @@ class StateOffload:
         """Device bytes currently held on the host."""
         return sum(t.numel() * t.element_size() for t, _ in self._away.values())
 
-    def _side(self):
-        """Context of the copies: the side stream (after the current stream's queued work) or nothing."""
-        if self.stream is None:
-            return contextlib.nullcontext()
-        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-        return torch.cuda.stream(self.stream)
-
-    def _record(self) -> None:
-        if self.stream is not None:
-            self._copied = self.stream.record_event()
-
     @torch.no_grad()
     def offload(self, params: list[torch.Tensor] | None = None) -> None:
         """Copy the state tensors (of ``params``, default all) to their host buffers and free their device
-        storage (with a side stream: at :meth:`release`); states already away stay as they are."""
-        with self._side():
-            for key, t in self._state_tensors(self._indices(params)):
-                away = self._away.get(key)
-                if away is not None and away[0] is t:
-                    continue
-                host = self._host.get(key)
-                if host is None or host.shape != t.shape or host.dtype != t.dtype:
-                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
-                    self._host[key] = host
-                host.copy_(t, non_blocking=self.pin)
-                self._pending.append(t)
-                self._away[key] = (t, host)
-        self._record()
-        if self.stream is None:
-            self.release()
+        storage; states already away stay as they are."""
+        for key, t in self._state_tensors(self._indices(params)):
+            away = self._away.get(key)
+            if away is not None and away[0] is t:
+                continue
+            host = self._host.get(key)
+            if host is None or host.shape != t.shape or host.dtype != t.dtype:
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
+                self._host[key] = host
+            host.copy_(t, non_blocking=self.pin)
+            t.untyped_storage().resize_(0)
+            self._away[key] = (t, host)
         if params is None:
             self._announce()
-
-    def ready(self) -> None:
-        """Make the current stream wait for the side stream's copies so far (no-op without one)."""
-        if self._copied is not None:
-            torch.cuda.current_stream(self.stream.device).wait_event(self._copied)
-            self._copied = None
-
-    def release(self) -> None:
-        """Free the device storage of the states copied to the host (after their copies, on the current
-        stream's order); called by :meth:`offload` itself without a side stream."""
-        if self._pending:
-            self.ready()
-            for t in self._pending:
-                t.untyped_storage().resize_(0)
-            self._pending = []
 
     def _announce(self) -> None:
         """Log, once, how much is held on the host (after the first offload of all states)."""
@@ -171,19 +126,10 @@ class StateOffload:
         """Give the offloaded tensors (of ``params``, default all) their device storage back and copy
         their values in."""
         indices = self._indices(params)
-        keys = [k for k in self._away if indices is None or k[0] in indices]
-        pending = {id(t) for t in self._pending}
-        if any(id(self._away[k][0]) in pending for k in keys):
-            self.release()  # loaded back before they were freed: free first (the sizes must match)
-        tensors = []
-        for key in keys:
+        for key in [k for k in self._away if indices is None or k[0] in indices]:
             t, host = self._away.pop(key)
             t.untyped_storage().resize_(t.numel() * t.element_size())
-            tensors.append((t, host))
-        with self._side():  # allocated above on the current stream; the copies wait for its queued work
-            for t, host in tensors:
-                t.copy_(host, non_blocking=self.pin)
-        self._record()
+            t.copy_(host, non_blocking=self.pin)
 
     def step(self, step_fn: Callable[[], None]) -> None:
         """Update the parameters with gradients in ``chunks`` consecutive parts, each with only its own
@@ -203,10 +149,8 @@ class StateOffload:
                 for p, g in zip(part, grads[start : start + size]):
                     p.grad = g
                 self.load(part)
-                self.ready()
                 step_fn()
                 self.offload(part)
-                self.release()
                 for p in part:
                     p.grad = None
         finally:
