@@ -60,6 +60,13 @@ class ModelConfig:
     all-gathering its layers at every prompt encoding: on 2 x H200 (SD3.5 Medium, with 8-bit AdamW) prompt
     encoding went from 43 to 168 ms per iteration, and the memory saved matched the prediction
     (``benchmarks/NOTES.md``). Same outputs. No effect in a single process."""
+    keep_generator_gathered: bool = False
+    """Keep the generator's all-gathered compute-dtype weights from its first forward of an iteration until
+    the end of its passes (before the fake-score step), instead of freeing each block after every pass:
+    the later passes (backward-simulation steps, the generator's forward, ISG's second forward, the
+    backward's recomputation) skip FSDP2's all-gather and its per-parameter casts, which the host issues
+    more slowly than the GPU runs them (``benchmarks/NOTES.md``). Costs 2 bytes per generator parameter
+    (bf16) on every GPU in those phases (SD3.5 Medium: 4.2 GiB). Same results."""
     offload_teacher: bool = False
     """Keep the frozen teacher's weights (bf16; SD3.5 Medium 4.2 GiB, divided by the number of GPUs) in
     pinned host memory except in generator iterations (one in ``distill.generator_period``) and image-strip

@@ -54,7 +54,7 @@ from .losses.isg import intra_segment_guidance_loss, sdxl_legacy_isg_loss
 from .metrics import MetricsSink, image_grid
 from .offload import ModuleParking, StateOffload
 from .optim import adamw8bit
-from .parallel import DTYPE, full_state_dict, local_tensor, reshard, shard
+from .parallel import DTYPE, full_state_dict, keep_gathered, local_tensor, reshard, reshard_all, shard
 from .profiling import PhaseTimer
 from .sampling import sample_x0
 from .schedules import sample_table_index
@@ -181,6 +181,11 @@ class Engine:
         if cfg.optimizer.offload_fake_state == "generator_step":
             self.park_fake = StateOffload(self.F.opt, pin, "fake score", when="during generator steps")
         self.disc, self.D = self._build_discriminator()
+        self.gathered_G = cfg.model.keep_generator_gathered and keep_gathered(self.G.net)
+        if cfg.model.keep_generator_gathered and not self.gathered_G:
+            logger.warning(
+                "model.keep_generator_gathered: this torch's FSDP2 cannot keep units gathered; ignored"
+            )
         self.park_teacher = None  # model.offload_teacher: in host memory outside generator iterations
         if cfg.model.offload_teacher:
             side = torch.cuda.Stream(self.device) if pin else None
@@ -316,6 +321,8 @@ class Engine:
         N7), zero. ``average`` all-reduces the gradients of replicated (non-FSDP) nets over ranks."""
         for loss in losses:
             loss.backward()
+        if t is self.G and self.gathered_G:
+            reshard_all(t.net)  # no unit may keep gathered copies of the weights the step is about to change
         if average:
             all_reduce_grads_(t.params)
         norm = torch.nn.utils.clip_grad_norm_(t.params, self.cfg.train.grad_clip)
@@ -522,10 +529,14 @@ class Engine:
         if gen_step:
             x0_gen, image_gen, m = self.generator_step(x_in, level, cond_level, anchor_idx, cond, uncond, adv)
             metrics.update(m)
+            if self.park_teacher is not None and not save:
+                self.park_teacher.park()  # before the fake step, whose peak it would otherwise raise
         else:
             with self.timer.phase("gen_forward"):
                 pred = self._gen_pred(x_in, cond_level, cond, grad=False)
                 x0_gen = self.schedule.x0_from_pred(x_in, pred, level)
+        if self.gathered_G:  # model.keep_generator_gathered: the generator's passes are over
+            reshard_all(self.G.net)
         if gen_step or self.cfg.compat.lr_schedule_per_iteration:
             with warnings.catch_warnings():  # stepping the schedule without an optimiser step is intended
                 warnings.filterwarnings(

@@ -16,6 +16,7 @@ stream orders them against the step, and a freed block is only reused by later w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable

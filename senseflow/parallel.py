@@ -135,6 +135,28 @@ def reshard(*nets: nn.Module) -> None:
             net.reshard()
 
 
+def fsdp_modules(net: nn.Module) -> list[FSDPModule]:
+    """Every FSDP2 module of ``net`` (the root and each sharded block or group), in module order."""
+    return [m for m in net.modules() if isinstance(m, FSDPModule)]
+
+
+def keep_gathered(net: nn.Module) -> bool:
+    """Keep every unit of ``net`` all-gathered after its forward (``reshard_after_forward=False``) until
+    :func:`reshard_all`; False where this torch's FSDP2 cannot change it after ``fully_shard``."""
+    modules = fsdp_modules(net)
+    if not modules or not hasattr(modules[0], "set_reshard_after_forward"):
+        return False
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+    return True
+
+
+def reshard_all(net: nn.Module) -> None:
+    """Free the all-gathered parameters of every FSDP2 unit of ``net`` (see :func:`keep_gathered`)."""
+    for m in fsdp_modules(net):
+        m.reshard()
+
+
 def _meta_params(build: Callable[[], nn.Module]) -> nn.Module:
     """Construct with parameters on the meta device and buffers real (they are derived from the config)."""
     from accelerate import init_empty_weights

@@ -220,6 +220,17 @@ def test_bench_counts_freed_storage_as_nothing():
     assert _tensor_bytes(t) == 0
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device machine)")
+
+
+def _tiny_engine(path, device: str, *overrides: str):
+    from senseflow.distributed import init_distributed
+    from senseflow.engine import Engine
+
+    cfg = load_config(TINY, ["log.progress_bar=false", "train.image_interval=0", *overrides])
+    return Engine(cfg, init_distributed(device), path)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 def test_teacher_parked_outside_generator_iterations(tiny_cache, tmp_path, monkeypatch, device):
     """``model.offload_teacher``: the teacher's weights leave the device after each iteration that used it
@@ -260,7 +271,8 @@ def test_teacher_parked_outside_generator_iterations(tiny_cache, tmp_path, monke
     teacher_its = {k for what, k, _ in seen if what == "teacher"}
     assert teacher_its == {2, 3, 4}  # generator iterations 2 and 4, the image strip of iteration 3
     assert all(b == total for what, _, b in seen if what == "teacher")
-    assert {k: b for what, k, b in seen if what == "fake"} == {1: 0, 2: total, 3: total, 4: total, 5: 0}
+    # parked again right after the generator's step, unless an image strip still needs it
+    assert {k: b for what, k, b in seen if what == "fake"} == {1: 0, 2: 0, 3: total, 4: 0, 5: 0}
     assert parking.parked
     assert _losses(_metrics(tmp_path / "park")) == _losses(_metrics(tmp_path / "plain"))
     for a, b in zip([*plain.G.params, *plain.F.params], [*park.G.params, *park.F.params]):
