@@ -60,6 +60,11 @@ class ModelConfig:
     all-gathering its layers at every prompt encoding: on 2 x H200 (SD3.5 Medium, with 8-bit AdamW) prompt
     encoding went from 43 to 168 ms per iteration, and the memory saved matched the prediction
     (``benchmarks/NOTES.md``). Same outputs. No effect in a single process."""
+    vae_split_group_norm: bool = True
+    """The VAE's GroupNorm layers compute their statistics with torch's split reductions on fp32 CUDA
+    inputs (``senseflow/kernels.py``) instead of torch's GroupNorm kernel, which runs one thread block per
+    (image, group) and is slow on a batch of one 1024-px image. The same fp32 arithmetic, up to the
+    summation order."""
     keep_generator_gathered: bool = False
     """Keep the generator's all-gathered compute-dtype weights from its first forward of an iteration until
     the end of its passes (before the fake-score step), instead of freeing each block after every pass:

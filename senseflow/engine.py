@@ -45,6 +45,7 @@ from .discriminator import VFMDiscriminator
 from .discriminator.diffaug import diff_augment
 from .distributed import DistInfo, all_reduce_grads_, all_reduce_max_int, broadcast_tensors_
 from .errors import SenseFlowError
+from .kernels import cast_matmul_weights_
 from .losses.decoupled import decoupled_dmd_loss
 from .losses.dm import distribution_matching_loss
 from .losses.fake_score import fake_score_loss
@@ -259,6 +260,8 @@ class Engine:
             cfg.paths.clip,
             random_init=cfg.model.random_init,
         ).to(self.device)
+        if self.compute_dtype != torch.float32:  # the backbone runs under autocast only (spec §12.4)
+            cast_matmul_weights_(disc.backbone.model, self.compute_dtype)
         broadcast_tensors_(list(disc.heads.state_dict().values()))
         heads = disc.heads
         if cfg.model.shard_discriminator and self.info.world_size > 1:

@@ -132,6 +132,10 @@ class TeacherAdapter:
     def _load_vae(self, cls) -> None:
         """The VAE, with its scaling and shift factors read from its config (spec §13.4)."""
         self.vae = self._load(cls, "vae", DTYPE[self.cfg.precision.vae])
+        if self.cfg.model.vae_split_group_norm:
+            from ..kernels import use_split_group_norm
+
+            use_split_group_norm(self.vae)
         if self.cfg.model.gradient_checkpointing:
             self.vae.enable_gradient_checkpointing()  # the GAN term differentiates the decode
         self.scaling_factor = self.vae.config.scaling_factor

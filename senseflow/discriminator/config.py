@@ -48,6 +48,12 @@ class DiscriminatorConfig:
     discriminator step, so eager execution is bound by the host, not the GPU. Costs compilation in the
     first iterations; same arithmetic up to fused-kernel rounding."""
 
+    compile_backbone: bool = False
+    """``torch.compile`` each transformer block of the frozen DINOv2 (one graph per gradient mode serves all
+    blocks): its three to four passes per iteration (reference, real, fake, and the generator's GAN term
+    with gradient to the image) are otherwise a few hundred small operators each, issued by the host.
+    Costs compilation in the first iterations; same arithmetic up to fused-kernel rounding."""
+
     def validate(self, prefix: str = "discriminator") -> None:
         """Raise :class:`ConfigError` naming the key when a value cannot work."""
 

@@ -71,6 +71,8 @@ class VFMDiscriminator(nn.Module):
         )
         if cfg.compile_heads:
             compile_modules(m for head in self.heads for m in (head.main, head.ref))
+        if cfg.compile_backbone:
+            compile_modules(self.backbone.model.encoder.layer)
         n_params = sum(p.numel() for p in self.heads.parameters())
         logger.info(
             "VFM discriminator: %d heads of width %d on DINOv2 taps %s%s, %.1f M trainable parameters%s",
@@ -81,6 +83,8 @@ class VFMDiscriminator(nn.Module):
             n_params / 1e6,
             ", branches compiled" if cfg.compile_heads else "",
         )
+        if cfg.compile_backbone:
+            logger.info("DINOv2 blocks compiled (discriminator.compile_backbone)")
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The heads' parameters: the only ones the discriminator optimiser updates (spec §8.7)."""
