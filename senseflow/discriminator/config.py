@@ -52,7 +52,8 @@ class DiscriminatorConfig:
     """``torch.compile`` each transformer block of the frozen DINOv2 (one graph per gradient mode serves all
     blocks): its three to four passes per iteration (reference, real, fake, and the generator's GAN term
     with gradient to the image) are otherwise a few hundred small operators each, issued by the host.
-    Costs compilation in the first iterations; same arithmetic up to fused-kernel rounding."""
+    Costs compilation in the first iterations; same arithmetic up to fused-kernel rounding. Measured (SD3.5
+    Medium, 1 x H200, lean options): 1.13 against 1.14 s/it, no gain; off in the shipped configs."""
 
     def validate(self, prefix: str = "discriminator") -> None:
         """Raise :class:`ConfigError` naming the key when a value cannot work."""
