@@ -250,7 +250,7 @@ def sharded_state_bytes(engine) -> int:
     """Bytes on this rank of the FSDP2-sharded persistent state: the local shards of the generator's,
     fake score's and teacher's parameters and the generator's and fake score's optimiser states."""
     total = 0
-    for net in (engine.G.net, engine.F.net, engine.teacher):
+    for net in (engine.G.net, engine.F.net, engine._teacher):  # parked or not (no unpark)
         total += sum(_tensor_bytes(p) for p in net.parameters() if hasattr(p, "to_local"))
     for opt in (engine.G.opt, engine.F.opt):
         for param, state in opt.state.items():

@@ -53,7 +53,7 @@ from .losses.gan import dmd2_classifier_loss, dmd2_generator_loss, hinge_d_fake,
 from .losses.ida import implicit_distribution_alignment_
 from .losses.isg import intra_segment_guidance_loss, sdxl_legacy_isg_loss
 from .metrics import MetricsSink, image_grid
-from .offload import ModuleParking, StateOffload
+from .offload import FlatStateParking, ModuleParking, StateOffload
 from .optim import adamw8bit
 from .parallel import DTYPE, full_state_dict, keep_gathered, local_tensor, reshard, reshard_all, shard
 from .profiling import PhaseTimer
@@ -180,7 +180,8 @@ class Engine:
         # optimizer.offload_fake_state=generator_step: F's states are away during G's losses and step only
         self.park_fake = None
         if cfg.optimizer.offload_fake_state == "generator_step":
-            self.park_fake = StateOffload(self.F.opt, pin, "fake score", when="during generator steps")
+            side = torch.cuda.Stream(self.device) if pin and cfg.optimizer.offload_overlap else None
+            self.park_fake = FlatStateParking(self.F.opt, pin, "fake score", stream=side)
         self.disc, self.D = self._build_discriminator()
         self.gathered_G = cfg.model.keep_generator_gathered and keep_gathered(self.G.net)
         if cfg.model.keep_generator_gathered and not self.gathered_G:
@@ -331,6 +332,8 @@ class Engine:
         norm = torch.nn.utils.clip_grad_norm_(t.params, self.cfg.train.grad_clip)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
+        if t is self.F and self.park_fake is not None:
+            self.park_fake.ready()  # optimizer.offload_overlap: the states' copy back has arrived
         if torch.isfinite(norm):
             if t.offload is not None:
                 t.offload.step(lambda: self._opt_step(t, name))
@@ -586,12 +589,12 @@ class Engine:
         if self.park_fake is None:
             return self._generator_step(x_in, level, cond_level, anchor_idx, cond, uncond, adv)
         with self.timer.phase("fake_state_offload"):
-            self.park_fake.offload()
+            self.park_fake.offload()  # overlapped (optimizer.offload_overlap): freed before the backward
         try:
             return self._generator_step(x_in, level, cond_level, anchor_idx, cond, uncond, adv)
         finally:
             with self.timer.phase("fake_state_offload"):
-                self.park_fake.load()
+                self.park_fake.load()  # overlapped: awaited before the fake score's optimiser step
 
     def _generator_step(self, x_in, level, cond_level, anchor_idx, cond, uncond, adv):
         """:meth:`generator_step` with the fake score's states wherever they are."""
@@ -623,6 +626,9 @@ class Engine:
             loss = loss + gan
             metrics["loss/gan"] = gan.detach()
         metrics["loss/gen"] = loss.detach()
+        if self.park_fake is not None:
+            with phase("fake_state_offload"):
+                self.park_fake.release()
         with phase("gen_backward_step"):
             metrics["grad_norm/gen"] = self._step(self.G, [loss], "gen")
         if self.disc is not None and not self.cfg.compat.d_grad_leak:

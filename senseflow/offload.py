@@ -234,3 +234,141 @@ class ModuleParking:
         """The parameters are (or, in the current stream's order, will be) on the device."""
         self.unpark()
         self.ready()
+
+
+class FlatStateParking:
+    """All optimiser states of one dtype moved to host memory and back as one buffer
+    (``optimizer.offload_fake_state=generator_step``).
+
+    The first :meth:`offload` copies each state tensor into its slice of one pinned host buffer and frees
+    it; :meth:`load` then allocates one device buffer, makes every state tensor a view of its slice
+    (``Tensor.set_``: the same tensor objects, so the optimiser and DTensor wrappers see no difference) and
+    copies the host buffer in with one copy. Later round trips are one copy each way, as long as the
+    optimiser still holds those views (after a resume it may hold new tensors: they are gathered again).
+    One large copy per direction issues no per-tensor work on the host, so with a side ``stream`` it can
+    overlap compute: :meth:`offload` keeps the device buffer until :meth:`release` (the current stream
+    waits for the copy, then frees it) and :meth:`ready` makes the current stream wait for :meth:`load`'s
+    copy. Without a stream both copies are queued on the current stream and :meth:`offload` frees at once.
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer, pin: bool, label: str = "", stream=None) -> None:
+        self.opt = opt
+        self.pin = pin
+        self.label = label
+        self.stream = stream
+        self._layout: list[tuple[torch.Tensor, int]] = []  # (state tensor, offset in elements)
+        self._host: torch.Tensor | None = None
+        self._flat: torch.Tensor | None = None  # the device buffer the states view (storage freed when away)
+        self._pending = False  # copied (or being copied) to the host, not yet freed
+        self._copied = None
+        self._announced = False
+        self.away = False
+
+    def _states(self) -> list[torch.Tensor]:
+        out = []
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                for value in self.opt.state.get(p, {}).values():
+                    local = local_tensor(value) if isinstance(value, torch.Tensor) else None
+                    if local is not None and type(local) is torch.Tensor and local.numel() > 1:
+                        out.append(local)
+        return out
+
+    def _viewing_flat(self, states: list[torch.Tensor]) -> bool:
+        if self._flat is None or len(states) != len(self._layout):
+            return False
+        ptr = self._flat.untyped_storage().data_ptr()
+        return all(
+            a is b and a.untyped_storage().data_ptr() == ptr for a, (b, _) in zip(states, self._layout)
+        )
+
+    def _side(self):
+        if self.stream is None:
+            return contextlib.nullcontext()
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        return torch.cuda.stream(self.stream)
+
+    def _record(self) -> None:
+        if self.stream is not None:
+            self._copied = self.stream.record_event()
+
+    @property
+    def offloaded_bytes(self) -> int:
+        """Device bytes currently held on the host."""
+        return self._host.numel() * self._host.element_size() if self.away and self._host is not None else 0
+
+    @torch.no_grad()
+    def offload(self) -> None:
+        """Copy every state to the host buffer; free the device memory (with a side stream: at :meth:`release`)."""
+        if self.away:
+            return
+        states = self._states()
+        if not states:
+            return
+        if {t.dtype for t in states} != {states[0].dtype} or not all(t.is_contiguous() for t in states):
+            raise ValueError(f"{self.label}: optimiser states of one dtype and contiguous expected")
+        flat = self._viewing_flat(states)
+        if not flat:  # first time, or the optimiser holds new tensors: gather them slice by slice
+            total = sum(t.numel() for t in states)
+            if self._host is None or self._host.numel() != total or self._host.dtype != states[0].dtype:
+                self._host = torch.empty(total, dtype=states[0].dtype, pin_memory=self.pin)
+            self._layout, offset = [], 0
+            for t in states:
+                self._layout.append((t, offset))
+                offset += t.numel()
+            self._flat = None
+        with self._side():
+            if flat:
+                self._host.copy_(self._flat, non_blocking=self.pin)
+            else:
+                for t, offset in self._layout:
+                    self._host[offset : offset + t.numel()].copy_(t.view(-1), non_blocking=self.pin)
+        self._record()
+        self._pending, self.away = True, True
+        if self.stream is None:
+            self.release()
+        if not self._announced:
+            self._announced = True
+            logger.info(
+                "%s optimiser states: %.2f GiB on this device moved to host memory during generator steps%s",
+                self.label,
+                self.offloaded_bytes / 2**30,
+                " (copies overlapped with compute)" if self.stream is not None else "",
+            )
+
+    def ready(self) -> None:
+        """Make the current stream wait for the side stream's last copy (no-op without one)."""
+        if self._copied is not None:
+            torch.cuda.current_stream(self.stream.device).wait_event(self._copied)
+            self._copied = None
+
+    def release(self) -> None:
+        """Free the device memory of the states copied to the host, after the copy in stream order."""
+        if not self._pending:
+            return
+        self.ready()
+        if self._flat is not None:
+            self._flat.untyped_storage().resize_(0)
+        else:
+            for t, _ in self._layout:
+                t.untyped_storage().resize_(0)
+        self._pending = False
+
+    @torch.no_grad()
+    def load(self) -> None:
+        """Give the states device memory (one buffer they view) and queue the copy of their values back."""
+        if not self.away:
+            return
+        self.release()
+        if self._flat is not None:
+            self._flat.untyped_storage().resize_(self._host.numel() * self._host.element_size())
+        else:
+            device = self._layout[0][0].device
+            self._flat = torch.empty(self._host.numel(), dtype=self._host.dtype, device=device)
+            storage = self._flat.untyped_storage()
+            for t, offset in self._layout:
+                t.set_(storage, offset, t.shape, t.stride())
+        with self._side():
+            self._flat.copy_(self._host, non_blocking=self.pin)
+        self._record()
+        self.away = False

@@ -449,7 +449,7 @@ class _FakeGpuEngine:
         self.rng = SimpleNamespace(state_dict=lambda: {})
         net = torch.nn.Linear(1, 1)
         self.G = self.F = SimpleNamespace(net=net, opt=SimpleNamespace(state={}))
-        self.teacher = net
+        self._teacher = net
         self.warmup_ks: list[int] = []
 
     def run_iteration(self, k: int, batch: dict) -> dict:

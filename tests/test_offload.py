@@ -119,6 +119,8 @@ def test_needs_plain_adamw(tiny_cache):
         load_config(TINY, ["optimizer.offload_fake_state=between_steps", "optimizer.name=adamw8bit"])
     with pytest.raises(ConfigError, match="optimizer.offload_step_chunks"):
         load_config(TINY, ["optimizer.offload_generator_state=true", "optimizer.offload_step_chunks=0"])
+    with pytest.raises(ConfigError, match="optimizer.offload_overlap: applies to"):
+        load_config(TINY, ["optimizer.offload_overlap=true", "optimizer.offload_fake_state=between_steps"])
 
 
 def test_engine_trains_the_same_and_resumes(tiny_cache, tmp_path, caplog):
@@ -170,9 +172,84 @@ def test_engine_trains_the_same_and_resumes(tiny_cache, tmp_path, caplog):
         assert torch.equal(a, b)
 
 
-def test_fake_states_away_during_generator_steps_only(tiny_cache, tmp_path, monkeypatch):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device machine)")
+
+
+def _tiny_engine(path, device: str, *overrides: str):
+    from senseflow.distributed import init_distributed
+    from senseflow.engine import Engine
+
+    cfg = load_config(TINY, ["log.progress_bar=false", "train.image_interval=0", *overrides])
+    return Engine(cfg, init_distributed(device), path)
+
+
+def _adamw_round_trips(parking_of, device: str):
+    """Three steps of a small model with its AdamW states parked between steps by ``parking_of(opt)``,
+    against the same steps without; returns (reference optimiser, parked optimiser, parking)."""
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)).to(device)
+    off = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)).to(device)
+    off.load_state_dict(ref.state_dict())
+    fused = device == "cuda"
+    opt_ref, opt_off = _adamw(ref, fused=fused), _adamw(off, fused=fused)
+    parking = parking_of(opt_off)
+    for k in range(3):
+        g = torch.Generator().manual_seed(k)
+        x = torch.randn(8, 16, generator=g).to(device)
+        for model, opt in ((ref, opt_ref), (off, opt_off)):
+            if model is off:
+                parking.load()
+                parking.ready()
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        parking.offload()
+        parking.release()
+        assert all(s["exp_avg"].untyped_storage().nbytes() == 0 for s in opt_off.state.values())
+        assert parking.offloaded_bytes == sum(8 * p.numel() for p in off.parameters())
+    parking.load()
+    parking.ready()
+    for a, b in zip(opt_ref.state.values(), opt_off.state.values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), off.parameters()))
+    return opt_ref, opt_off, parking
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_flat_parking_keeps_the_updates_with_one_buffer(device):
+    """``FlatStateParking``: after the first round trip every state views one device buffer (so later
+    round trips are one copy each way), the updates equal unparked AdamW's, and states the optimiser
+    replaced (as a resume may) are gathered again. On a GPU the copies run on a side stream."""
+    from senseflow.offload import FlatStateParking
+
+    def parking_of(opt):
+        stream = torch.cuda.Stream() if device == "cuda" else None
+        return FlatStateParking(opt, pin=device == "cuda", label="test", stream=stream)
+
+    _, opt, parking = _adamw_round_trips(parking_of, device)
+    states = [t for s in opt.state.values() for k, t in s.items() if k != "step"]
+    assert len({t.untyped_storage().data_ptr() for t in states}) == 1  # views of one buffer
+    # the optimiser gets new state tensors: the next round trip gathers them into the buffer again
+    first = next(iter(opt.state.values()))
+    first["exp_avg"] = first["exp_avg"].clone()
+    want = first["exp_avg"].clone()
+    parking.offload()
+    parking.release()
+    parking.load()
+    parking.ready()
+    assert torch.equal(first["exp_avg"], want)
+    states = [t for s in opt.state.values() for k, t in s.items() if k != "step"]
+    assert len({t.untyped_storage().data_ptr() for t in states}) == 1
+
+
+@pytest.mark.parametrize(
+    "device,overlap",
+    [("cpu", False), pytest.param("cuda", False, marks=CUDA), pytest.param("cuda", True, marks=CUDA)],
+)
+def test_fake_states_away_during_generator_steps_only(tiny_cache, tmp_path, monkeypatch, device, overlap):
     """``offload_fake_state=generator_step``: the fake score's states are on the host while the generator
-    steps and back on the device for its own steps; the same losses and weights as without."""
+    steps and back on the device for its own steps; the same losses and weights as without, also with the
+    copies overlapped on a side stream (``optimizer.offload_overlap``, GPU only)."""
     common = [
         "train.log_interval=1",
         "distill.generator_period=2",
@@ -181,10 +258,14 @@ def test_fake_states_away_during_generator_steps_only(tiny_cache, tmp_path, monk
     ]
     (tmp_path / "plain").mkdir()
     (tmp_path / "park").mkdir()
-    plain = make_engine(tmp_path / "plain", *common)
+    plain = _tiny_engine(tmp_path / "plain", device, *common)
     plain.train()
-    park = make_engine(tmp_path / "park", *common, "optimizer.offload_fake_state=generator_step")
+    extra = ["optimizer.offload_overlap=true"] if overlap else []
+    park = _tiny_engine(
+        tmp_path / "park", device, *common, "optimizer.offload_fake_state=generator_step", *extra
+    )
     assert park.F.offload is None and park.park_fake is not None
+    assert (park.park_fake.stream is not None) is overlap
     seen = []  # (net stepped, bytes of the fake score's exp_avg on the device then)
     step = park._step
 
@@ -218,17 +299,6 @@ def test_bench_counts_freed_storage_as_nothing():
     assert _tensor_bytes(t) == 40
     t.untyped_storage().resize_(0)
     assert _tensor_bytes(t) == 0
-
-
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device machine)")
-
-
-def _tiny_engine(path, device: str, *overrides: str):
-    from senseflow.distributed import init_distributed
-    from senseflow.engine import Engine
-
-    cfg = load_config(TINY, ["log.progress_bar=false", "train.image_interval=0", *overrides])
-    return Engine(cfg, init_distributed(device), path)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
