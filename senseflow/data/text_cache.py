@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.paths.text_embeddings = ""
         resolve_paths(cfg)
         info = init_distributed(cfg.train.device)
+        if info.world_size > 1:
+            raise ConfigError("python -m senseflow.data.text_cache runs as one process (not under torchrun)")
         meta = build_text_cache(cfg, out, info, args.batch_size, not args.no_progress, args.limit)
     except SenseFlowError as err:
         logger.error("%s", err)
