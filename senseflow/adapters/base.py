@@ -9,7 +9,7 @@ in the family's conventions. Predictions are returned in the family's own parame
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -291,13 +291,18 @@ class TeacherAdapter:
 
     # --- conditioning and latents -------------------------------------------------------------------
 
-    def _text_side(self, build: Callable[[], tuple[list, list[nn.Module]]]) -> None:
-        """The tokenizers and text encoders from ``build()``, or none of them when ``paths.text_embeddings``
-        names precomputed embeddings (:mod:`senseflow.data.text_cache`), which are then read instead."""
+    def _text_side(self, tokenizers: list[tuple[type, str]], encoders: list[tuple[type, str]]) -> None:
+        """Load the tokenizers and text encoders (``(class, subfolder)`` each; encoders in
+        ``precision.text_encoders``), or none of them when ``paths.text_embeddings`` names precomputed
+        embeddings (:mod:`senseflow.data.text_cache`), which are then read instead."""
         from ..data.text_cache import open_text_cache
 
         self.text_cache = open_text_cache(self.cfg)
-        self.tokenizers, self.text_encoders = ([], []) if self.text_cache is not None else build()
+        self.tokenizers, self.text_encoders = [], []
+        if self.text_cache is None:
+            dtype = DTYPE[self.cfg.precision.text_encoders]
+            self.tokenizers = [cls.from_pretrained(self.root / sub) for cls, sub in tokenizers]
+            self.text_encoders = [self._load(cls, sub, dtype) for cls, sub in encoders]
 
     def encode_text(self, prompts: list[str]) -> Cond:
         """The text encoders' outputs for a batch of captions (no gradient): what

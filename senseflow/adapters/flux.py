@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..parallel import DTYPE, read_diffusers_weights
+from ..parallel import read_diffusers_weights
 from ..schedules import FlowMatchingSchedule
 from .base import Cond, TeacherAdapter, resolve_teacher_dir
 
@@ -86,18 +86,9 @@ class FluxAdapter(TeacherAdapter):
                 "FLUX.1-dev with its guidance embedder"
             )
         self._student_dir = self._wo_guidance_dir(cfg.paths.flux_wo_guidance_embed)
-        te_dtype = DTYPE[cfg.precision.text_encoders]
         self._text_side(
-            lambda: (
-                [
-                    CLIPTokenizer.from_pretrained(self.root / "tokenizer"),
-                    T5TokenizerFast.from_pretrained(self.root / "tokenizer_2"),
-                ],
-                [
-                    self._load(CLIPTextModel, "text_encoder", te_dtype),
-                    self._load(T5EncoderModel, "text_encoder_2", te_dtype),
-                ],
-            )
+            [(CLIPTokenizer, "tokenizer"), (T5TokenizerFast, "tokenizer_2")],
+            [(CLIPTextModel, "text_encoder"), (T5EncoderModel, "text_encoder_2")],
         )
         self._load_vae(AutoencoderKL)
         self._ids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -13,7 +13,6 @@ import logging
 import torch
 from torch import nn
 
-from ..parallel import DTYPE
 from ..schedules import FlowMatchingSchedule
 from .base import Cond, TeacherAdapter, resolve_teacher_dir
 
@@ -51,20 +50,13 @@ class SD3Adapter(TeacherAdapter):
         )
         self.transformer_cls = SD3Transformer2DModel
         self.transformer_config = SD3Transformer2DModel.load_config(self.root / "transformer")
-        te_dtype = DTYPE[cfg.precision.text_encoders]
         self._text_side(
-            lambda: (
-                [
-                    CLIPTokenizer.from_pretrained(self.root / "tokenizer"),
-                    CLIPTokenizer.from_pretrained(self.root / "tokenizer_2"),
-                    T5TokenizerFast.from_pretrained(self.root / "tokenizer_3"),
-                ],
-                [
-                    self._load(CLIPTextModelWithProjection, "text_encoder", te_dtype),
-                    self._load(CLIPTextModelWithProjection, "text_encoder_2", te_dtype),
-                    self._load(T5EncoderModel, "text_encoder_3", te_dtype),
-                ],
-            )
+            [(CLIPTokenizer, "tokenizer"), (CLIPTokenizer, "tokenizer_2"), (T5TokenizerFast, "tokenizer_3")],
+            [
+                (CLIPTextModelWithProjection, "text_encoder"),
+                (CLIPTextModelWithProjection, "text_encoder_2"),
+                (T5EncoderModel, "text_encoder_3"),
+            ],
         )
         self._load_vae(AutoencoderKL)
 

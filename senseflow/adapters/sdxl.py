@@ -16,7 +16,6 @@ import math
 import torch
 from torch import nn
 
-from ..parallel import DTYPE
 from ..schedules import DDPMSchedule
 from .base import Cond, TeacherAdapter, resolve_teacher_dir
 
@@ -105,18 +104,9 @@ class SDXLAdapter(TeacherAdapter):
         )
         self.transformer_cls = _unet_class()
         self.transformer_config = self.transformer_cls.load_config(self.root / "unet")
-        te_dtype = DTYPE[cfg.precision.text_encoders]
         self._text_side(
-            lambda: (
-                [
-                    CLIPTokenizer.from_pretrained(self.root / "tokenizer"),
-                    CLIPTokenizer.from_pretrained(self.root / "tokenizer_2"),
-                ],
-                [
-                    self._load(CLIPTextModel, "text_encoder", te_dtype),
-                    self._load(CLIPTextModelWithProjection, "text_encoder_2", te_dtype),
-                ],
-            )
+            [(CLIPTokenizer, "tokenizer"), (CLIPTokenizer, "tokenizer_2")],
+            [(CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2")],
         )
         self._load_vae(AutoencoderKL)
         res = cfg.train.resolution
