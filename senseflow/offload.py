@@ -160,7 +160,34 @@ class StateOffload:
         self._announce()
 
 
-class ModuleParking:
+class _SideStreamCopies:
+    """Copies queued on an optional side CUDA ``stream`` (after the current stream's queued work), and
+    :meth:`ready` to make the current stream wait for the last of them; without a stream, the copies are
+    queued on the current stream and :meth:`ready` is a no-op."""
+
+    stream = None
+    _copied = None
+
+    def _side(self):
+        """Context of the copies: the side stream, once it waits for the current stream, or nothing."""
+        if self.stream is None:
+            return contextlib.nullcontext()
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        return torch.cuda.stream(self.stream)
+
+    def _record(self) -> None:
+        """Remember the side stream's copies queued so far (for :meth:`ready`)."""
+        if self.stream is not None:
+            self._copied = self.stream.record_event()
+
+    def ready(self) -> None:
+        """Make the current stream wait for the side stream's copies so far (no-op without one)."""
+        if self._copied is not None:
+            torch.cuda.current_stream(self.stream.device).wait_event(self._copied)
+            self._copied = None
+
+
+class ModuleParking(_SideStreamCopies):
     """A frozen module's parameters in pinned host memory while it is not needed (``model.offload_teacher``).
 
     The parameters keep their identity: the storages under their (local) tensors are freed with
@@ -182,7 +209,6 @@ class ModuleParking:
         self.label = label
         self.stream = stream
         self._host: list[torch.UntypedStorage] | None = None
-        self._copied = None
         self.parked = False
 
     @torch.no_grad()
@@ -213,22 +239,11 @@ class ModuleParking:
             return
         for s, n in zip(self.storages, self.nbytes):
             s.resize_(n)
-        ctx = contextlib.nullcontext()
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-            ctx = torch.cuda.stream(self.stream)
-        with ctx:
+        with self._side():
             for s, host in zip(self.storages, self._host):
                 s.copy_(host, non_blocking=self.pin)
-        if self.stream is not None:
-            self._copied = self.stream.record_event()
+        self._record()
         self.parked = False
-
-    def ready(self) -> None:
-        """Make the current stream wait for the copy queued by :meth:`unpark` (no-op without one)."""
-        if self._copied is not None:
-            torch.cuda.current_stream(self.stream.device).wait_event(self._copied)
-            self._copied = None
 
     def ensure(self) -> None:
         """The parameters are (or, in the current stream's order, will be) on the device."""
@@ -236,7 +251,7 @@ class ModuleParking:
         self.ready()
 
 
-class FlatStateParking:
+class FlatStateParking(_SideStreamCopies):
     """All optimiser states of one dtype moved to host memory and back as one buffer
     (``optimizer.offload_fake_state=generator_step``).
 
@@ -260,7 +275,6 @@ class FlatStateParking:
         self._host: torch.Tensor | None = None
         self._flat: torch.Tensor | None = None  # the device buffer the states view (storage freed when away)
         self._pending = False  # copied (or being copied) to the host, not yet freed
-        self._copied = None
         self._announced = False
         self.away = False
 
@@ -281,16 +295,6 @@ class FlatStateParking:
         return all(
             a is b and a.untyped_storage().data_ptr() == ptr for a, (b, _) in zip(states, self._layout)
         )
-
-    def _side(self):
-        if self.stream is None:
-            return contextlib.nullcontext()
-        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-        return torch.cuda.stream(self.stream)
-
-    def _record(self) -> None:
-        if self.stream is not None:
-            self._copied = self.stream.record_event()
 
     @property
     def offloaded_bytes(self) -> int:
@@ -335,12 +339,6 @@ class FlatStateParking:
                 self.offloaded_bytes / 2**30,
                 " (copies overlapped with compute)" if self.stream is not None else "",
             )
-
-    def ready(self) -> None:
-        """Make the current stream wait for the side stream's last copy (no-op without one)."""
-        if self._copied is not None:
-            torch.cuda.current_stream(self.stream.device).wait_event(self._copied)
-            self._copied = None
 
     def release(self) -> None:
         """Free the device memory of the states copied to the host, after the copy in stream order."""
