@@ -190,18 +190,22 @@ class LmdbLatentDataset(Dataset):
 
     def all_prompts(self) -> list[str]:
         """Every entry's prompt, in index order (no latent is read)."""
-        prompts = []
         with _shared_env(self.path, self.config_key).begin(buffers=False) as txn:
-            for i in range(len(self)):
-                raw = txn.get(prompt_key(i).encode())
-                if raw is None:
-                    raise DataError(f"{self._where()} entry {i}: key '{prompt_key(i)}' is missing")
-                prompts.append(raw.decode("utf-8", errors="replace"))
-        return prompts
+            return [self._read_prompt(txn, i) for i in range(len(self))]
 
     def close(self) -> None:
         """Close this process's environment of the database (it is reopened on the next read)."""
         close_lmdb(self.path)
+
+    def _read_prompt(self, txn, i: int) -> str:
+        where = f"{self._where()} entry {i}"
+        raw = txn.get(prompt_key(i).encode())
+        if raw is None:
+            raise DataError(f"{where}: key '{prompt_key(i)}' is missing")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: '{prompt_key(i)}' is not UTF-8 (byte {e.start}: {e.reason})") from None
 
     def _read(self, txn, i: int) -> tuple[np.ndarray, str, str]:
         where = f"{self._where()} entry {i}"
@@ -214,13 +218,7 @@ class LmdbLatentDataset(Dataset):
                 f"(float16 of shape {'x'.join(map(str, self.latent_shape))} from '{SHAPE_KEY}')"
             )
         latent = np.frombuffer(raw, dtype=LATENT_DTYPE).reshape(self.latent_shape)
-        raw_prompt = txn.get(prompt_key(i).encode())
-        if raw_prompt is None:
-            raise DataError(f"{where}: key '{prompt_key(i)}' is missing")
-        try:
-            prompt = raw_prompt.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{where}: '{prompt_key(i)}' is not UTF-8 (byte {e.start}: {e.reason})") from None
+        prompt = self._read_prompt(txn, i)
         raw_key = txn.get(orig_key_key(i).encode())
         key = str(i)
         if raw_key is not None:
