@@ -4,9 +4,7 @@ unchanged."""
 
 from __future__ import annotations
 
-import torch
-
-from .test_engine import _losses, _metrics, make_engine
+from .test_offload import _assert_trained_alike, _plain_and_variant
 
 
 def _gathered(net) -> bool:
@@ -16,18 +14,12 @@ def _gathered(net) -> bool:
 
 
 def test_generator_stays_gathered_between_its_passes(tiny_cache, tmp_path, monkeypatch):
-    common = [
-        "train.log_interval=1",
-        "distill.generator_period=3",
-        "distill.backsim_prob=1.0",
-        "train.iter_num=7",
-        "checkpoint.enabled=false",
-    ]
-    (tmp_path / "plain").mkdir()
-    (tmp_path / "kept").mkdir()
-    plain = make_engine(tmp_path / "plain", *common)
-    plain.train()
-    kept = make_engine(tmp_path / "kept", *common, "model.keep_generator_gathered=true")
+    plain, kept = _plain_and_variant(
+        tmp_path,
+        "cpu",
+        ["distill.generator_period=3", "distill.backsim_prob=1.0", "train.iter_num=7"],
+        "model.keep_generator_gathered=true",
+    )
     assert kept.gathered_G
     seen = {"before_pass": [], "fake_step": [], "gen_step": []}
     forward, fake_step, opt_step = kept.adapter.forward, kept.fake_step, kept._opt_step
@@ -55,6 +47,4 @@ def test_generator_stays_gathered_between_its_passes(tiny_cache, tmp_path, monke
     assert any(seen["before_pass"]) and not all(seen["before_pass"])
     assert seen["fake_step"] and not any(seen["fake_step"])
     assert len(seen["gen_step"]) == 2 and not any(seen["gen_step"])
-    assert _losses(_metrics(tmp_path / "kept")) == _losses(_metrics(tmp_path / "plain"))
-    for a, b in zip([*plain.G.params, *plain.F.params], [*kept.G.params, *kept.F.params]):
-        assert torch.equal(a, b)
+    _assert_trained_alike(tmp_path, plain, "variant", kept)

@@ -25,6 +25,14 @@ def _step(model, opt, seed: int) -> None:
     opt.zero_grad(set_to_none=True)
 
 
+def _assert_trained_alike(tmp_path, plain, name: str, other) -> None:
+    """The run in ``tmp_path / name`` logged the losses of the run in ``tmp_path / "plain"`` and ended with
+    the same generator and fake-score weights, bit for bit."""
+    assert _losses(_metrics(tmp_path / name)) == _losses(_metrics(tmp_path / "plain"))
+    for a, b in zip([*plain.G.params, *plain.F.params], [*other.G.params, *other.F.params]):
+        assert torch.equal(a, b)
+
+
 def test_offload_round_trip_keeps_the_updates():
     torch.manual_seed(0)
     ref = torch.nn.Linear(16, 16)
@@ -151,9 +159,7 @@ def test_engine_trains_the_same_and_resumes(tiny_cache, tmp_path, caplog):
     (logged,) = [m for m in caplog.messages if "fake score optimiser states" in m]
     assert off.F.offload.offloaded_bytes == 8 * sum(p.numel() for p in off.F.params)
     assert all(s["exp_avg"].to_local().untyped_storage().nbytes() == 0 for s in off.F.opt.state.values())
-    assert _losses(_metrics(tmp_path / "off")) == _losses(_metrics(tmp_path / "plain"))
-    for a, b in zip([*plain.G.params, *plain.F.params], [*off.G.params, *off.F.params]):
-        assert torch.equal(a, b)
+    _assert_trained_alike(tmp_path, plain, "off", off)
 
     split = [
         *common[:2],
@@ -167,9 +173,7 @@ def test_engine_trains_the_same_and_resumes(tiny_cache, tmp_path, caplog):
     resumed.train()
     # offloaded again after the resume and each step
     assert resumed.G.offload.offloaded_bytes > 0 and resumed.F.offload.offloaded_bytes > 0
-    assert _losses(_metrics(tmp_path / "split")) == _losses(_metrics(tmp_path / "plain"))
-    for a, b in zip([*plain.G.params, *plain.F.params], [*resumed.G.params, *resumed.F.params]):
-        assert torch.equal(a, b)
+    _assert_trained_alike(tmp_path, plain, "split", resumed)
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device machine)")
@@ -181,6 +185,17 @@ def _tiny_engine(path, device: str, *overrides: str):
 
     cfg = load_config(TINY, ["log.progress_bar=false", "train.image_interval=0", *overrides])
     return Engine(cfg, init_distributed(device), path)
+
+
+def _plain_and_variant(tmp_path, device: str, overrides: list[str], *variant: str):
+    """A plain tiny run trained in ``tmp_path / "plain"`` (logging every iteration, no checkpoints) and the
+    same with ``variant`` overrides built, not trained, in ``tmp_path / "variant"``."""
+    common = ["train.log_interval=1", "checkpoint.enabled=false", *overrides]
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "variant").mkdir()
+    plain = _tiny_engine(tmp_path / "plain", device, *common)
+    plain.train()
+    return plain, _tiny_engine(tmp_path / "variant", device, *common, *variant)
 
 
 def _adamw_round_trips(parking_of, device: str):
@@ -250,19 +265,13 @@ def test_fake_states_away_during_generator_steps_only(tiny_cache, tmp_path, monk
     """``offload_fake_state=generator_step``: the fake score's states are on the host while the generator
     steps and back on the device for its own steps; the same losses and weights as without, also with the
     copies overlapped on a side stream (``optimizer.offload_overlap``, GPU only)."""
-    common = [
-        "train.log_interval=1",
-        "distill.generator_period=2",
-        "train.iter_num=4",
-        "checkpoint.enabled=false",
-    ]
-    (tmp_path / "plain").mkdir()
-    (tmp_path / "park").mkdir()
-    plain = _tiny_engine(tmp_path / "plain", device, *common)
-    plain.train()
     extra = ["optimizer.offload_overlap=true"] if overlap else []
-    park = _tiny_engine(
-        tmp_path / "park", device, *common, "optimizer.offload_fake_state=generator_step", *extra
+    plain, park = _plain_and_variant(
+        tmp_path,
+        device,
+        ["distill.generator_period=2", "train.iter_num=4"],
+        "optimizer.offload_fake_state=generator_step",
+        *extra,
     )
     assert park.F.offload is None and park.park_fake is not None
     assert (park.park_fake.stream is not None) is overlap
@@ -286,9 +295,7 @@ def test_fake_states_away_during_generator_steps_only(tiny_cache, tmp_path, monk
     assert gen[-1][1] > 0  # the second generator step had fake-score states to move (and moved them)
     assert all(b > 0 for b, n in fake if n > 0) and any(n > 0 for _, n in fake)
     assert park.park_fake.offloaded_bytes == 0  # all back after the last generator step
-    assert _losses(_metrics(tmp_path / "park")) == _losses(_metrics(tmp_path / "plain"))
-    for a, b in zip([*plain.G.params, *plain.F.params], [*park.G.params, *park.F.params]):
-        assert torch.equal(a, b)
+    _assert_trained_alike(tmp_path, plain, "variant", park)
 
 
 def test_bench_counts_freed_storage_as_nothing():
@@ -306,18 +313,11 @@ def test_teacher_parked_outside_generator_iterations(tiny_cache, tmp_path, monke
     """``model.offload_teacher``: the teacher's weights leave the device after each iteration that used it
     and are back (copied on a side stream on GPUs) when a generator iteration or an image strip runs it;
     the same losses and weights as without."""
-    common = [
-        "train.log_interval=1",
-        "distill.generator_period=2",
-        "train.iter_num=5",
-        "checkpoint.enabled=false",
-    ]
-    (tmp_path / "plain").mkdir()
-    (tmp_path / "park").mkdir()
-    plain = _tiny_engine(tmp_path / "plain", device, *common, "train.image_interval=3")
-    plain.train()
-    park = _tiny_engine(
-        tmp_path / "park", device, *common, "train.image_interval=3", "model.offload_teacher=true"
+    plain, park = _plain_and_variant(
+        tmp_path,
+        device,
+        ["distill.generator_period=2", "train.iter_num=5", "train.image_interval=3"],
+        "model.offload_teacher=true",
     )
     parking = park.park_teacher
     assert parking.parked and all(s.nbytes() == 0 for s in parking.storages)
@@ -344,6 +344,4 @@ def test_teacher_parked_outside_generator_iterations(tiny_cache, tmp_path, monke
     # parked again right after the generator's step, unless an image strip still needs it
     assert {k: b for what, k, b in seen if what == "fake"} == {1: 0, 2: 0, 3: total, 4: 0, 5: 0}
     assert parking.parked
-    assert _losses(_metrics(tmp_path / "park")) == _losses(_metrics(tmp_path / "plain"))
-    for a, b in zip([*plain.G.params, *plain.F.params], [*park.G.params, *park.F.params]):
-        assert torch.equal(a, b)
+    _assert_trained_alike(tmp_path, plain, "variant", park)
