@@ -193,17 +193,10 @@ def build_text_cache(
     if limit is not None:
         prompts = prompts[: limit + 1]
     settings = cache_settings(cfg)
-    enc_cfg = copy.deepcopy(cfg)
-    enc_cfg.paths.text_embeddings = ""  # this is what builds them
-    enc_cfg.model.shard_text_encoders = False  # this process alone encodes (no collectives)
-    adapter = build_adapter(enc_cfg, info)
-    with torch.no_grad():
-        sample = adapter.encode_text([""])
-    names = list(sample)
-    per_prompt = sum(v[0].numel() * v.element_size() for v in sample.values()) + 4096
     close_lmdb(out)  # this process's reader, if any (py-lmdb opens an environment once per process)
-    env = open_lmdb_writer(out, max(_MIN_MAP_SIZE, int(1.3 * per_prompt * len(prompts))), key="--out")
+    env = open_lmdb_writer(out, _MIN_MAP_SIZE, key="--out")
     try:
+        # what is there, and whether it may be extended, before the text encoders are loaded
         with env.begin() as txn:
             meta = _read_meta(txn, f"--out: {out}")
             todo = [p for p in prompts if txn.get(prompt_key(p)) is None]
@@ -213,6 +206,17 @@ def build_text_cache(
                 raise ConfigError(
                     f"--out: {out} holds embeddings of other settings ({'; '.join(wrong)}); choose another folder"
                 )
+        enc_cfg = copy.deepcopy(cfg)
+        enc_cfg.paths.text_embeddings = ""  # this is what builds them
+        enc_cfg.model.shard_text_encoders = False  # this process alone encodes (no collectives)
+        adapter = build_adapter(enc_cfg, info)
+        with torch.no_grad():
+            sample = adapter.encode_text([""])
+        names = list(sample)
+        per_prompt = sum(v[0].numel() * v.element_size() for v in sample.values()) + 4096
+        map_size = int(1.3 * per_prompt * len(prompts))
+        if env.info()["map_size"] < map_size:
+            env.set_mapsize(map_size)
         meta = {
             "format": FORMAT,
             "settings": settings,
