@@ -75,8 +75,9 @@ def test_compiled_heads_match_eager(assets):
         results.append((loss_d.detach(), grads, logits.detach(), x.grad, dict(disc.heads.named_buffers())))
     (l0, g0, z0, x0, b0), (l1, g1, z1, x1, b1) = results
     torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-5)
-    _close(z1, z0)
-    _close(x1, x0)
+    # the compiled branches fuse kernels, which rounds differently (1.3e-4 seen with torch 2.15 on a CPU)
+    _close(z1, z0, rel=5e-4)
+    _close(x1, x0, rel=5e-4)
     # heads' weight gradients match; the biases before a batch norm get a zero gradient up to rounding
     total = torch.stack([g.norm() for g in g0.values()]).norm()
     for name, g in g0.items():
@@ -92,8 +93,9 @@ def test_compiled_heads_match_eager(assets):
 def test_engine_with_compiled_blocks_and_heads(tiny_cache, tmp_path):
     """The tiny SD3.5 recipe with ``model.compile_blocks`` and ``discriminator.compile_heads`` logs the
     losses of the eager run (a generator and a fake-score iteration), and every block of the three
-    transformers and every head branch is compiled; also with both blocks in one FSDP2 unit
-    (``model.fsdp_blocks_per_unit=2``: the blocks are compiled, not the unit)."""
+    transformers and every head branch is compiled: unsharded (this single process's default) and with
+    FSDP2, both blocks in one unit (``model.fsdp_blocks_per_unit=2``: the blocks are compiled, not the
+    unit)."""
     from senseflow.parallel import fsdp_units
 
     common = ["train.log_interval=1", "distill.generator_period=2", "train.iter_num=2"]
@@ -105,12 +107,13 @@ def test_engine_with_compiled_blocks_and_heads(tiny_cache, tmp_path):
     eager.train()
     assert all(b._compiled_call_impl is None for b in eager.adapter.blocks(eager.G.net))
     compile_on = ["model.compile_blocks=true", "discriminator.compile_heads=true"]
-    for name, extra in (("compiled", []), ("compiled_grouped", ["model.fsdp_blocks_per_unit=2"])):
+    grouped = ["model.fsdp=always", "model.fsdp_blocks_per_unit=2"]
+    for name, extra in (("compiled", []), ("compiled_grouped", grouped)):
         compiled = make_engine(tmp_path / name, *common, *compile_on, *extra)
         for net in (compiled.G.net, compiled.F.net, compiled.teacher):
             blocks = compiled.adapter.blocks(net)
             assert len(blocks) == 2 and all(b._compiled_call_impl is not None for b in blocks)
-            assert len(fsdp_units(net)) == (2 if extra else 3), name  # the root and the block units
+            assert len(fsdp_units(net)) == (2 if extra else 0), name  # the root and the block unit
         compiled.train()
     runs = [_losses(_metrics(tmp_path / name)) for name in names]
     assert len(runs[0]) == 2
@@ -143,6 +146,7 @@ def test_compiled_backbone_matches_eager(assets):
     (r0, z0, x0), (r1, z1, x1) = results
     for a, b in zip(r0, r1):
         _close(b, a)
-    _close(z1, z0)
-    _close(x1, x0)
+    # the compiled branches fuse kernels, which rounds differently (1.3e-4 seen with torch 2.15 on a CPU)
+    _close(z1, z0, rel=5e-4)
+    _close(x1, x0, rel=5e-4)
     assert len(layers) >= 2 and counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])

@@ -263,12 +263,17 @@ def test_grouped_blocks_train_like_one_unit_per_block(runs):
         assert r["grouped"]["units"] == [[[""], ["transformer_blocks.0", "transformer_blocks.1"]]] * 3
     assert [r["iter"] for r in metrics["grouped"]] == [1, 2, 3]
     for a, b in zip(metrics["sharded"], metrics["grouped"]):
-        assert _losses(a) == _losses(b), a["iter"]
+        la, lb = _losses(a), _losses(b)
+        # after the generator's step (below: last bits of the time embedder) up to rounding
+        assert la.keys() == lb.keys() and all(lb[k] == pytest.approx(v, rel=1e-5) for k, v in la.items())
     r0 = results[0]
     full, grouped = r0["sharded"]["params"], r0["grouped"]["params"]
-    assert full.keys() == grouped.keys() and all(torch.equal(full[k], grouped[k]) for k in full)
+    assert full.keys() == grouped.keys()
     # the gradient of the time embedding, which both blocks take, is summed in another order (FSDP2's
-    # identity autograd node on each unit's inputs): last bits of the timestep embedder's weights
+    # identity autograd node on each unit's inputs): last bits of the timestep embedder's weights, and so
+    # of the images the heads see after the generator's step (AdamW's first steps move a weight by about
+    # the learning rate however small its gradient: 0.5 % of the largest update seen with torch 2.15)
+    assert _max_diff(grouped, full) <= 2e-2 * _max_diff(full, r0["sharded"]["init"])
     assert r0["sharded"]["gen"].keys() == r0["grouped"]["gen"].keys()
     scale = _max_diff(r0["sharded"]["gen"], r0["sharded"]["gen_init"])  # largest update
     assert scale > 0
