@@ -247,15 +247,15 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 
 def sharded_state_bytes(engine) -> int:
-    """Bytes on this rank of the FSDP2-sharded persistent state: the local shards of the generator's,
-    fake score's and teacher's parameters and the generator's and fake score's optimiser states."""
+    """Bytes on this rank of the persistent state FSDP2 shards over the ranks: the local shards of the
+    generator's, fake score's and teacher's parameters and the generator's and fake score's optimiser
+    states (all of them in a single process, sharded there or not: ``model.fsdp``)."""
     total = 0
     for net in (engine.G.net, engine.F.net, engine._teacher):  # parked or not (no unpark)
-        total += sum(_tensor_bytes(p) for p in net.parameters() if hasattr(p, "to_local"))
+        total += sum(_tensor_bytes(p) for p in net.parameters())
     for opt in (engine.G.opt, engine.F.opt):
-        for param, state in opt.state.items():
-            if hasattr(param, "to_local"):  # the states of a sharded parameter are sharded alike
-                total += sum(_tensor_bytes(v) for v in state.values() if isinstance(v, torch.Tensor))
+        for state in opt.state.values():
+            total += sum(_tensor_bytes(v) for v in state.values() if isinstance(v, torch.Tensor))
     return total
 
 

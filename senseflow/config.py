@@ -128,11 +128,25 @@ class ModelConfig:
     new unit, and the last unit may be shorter. Same losses and updates up to the summation order of some
     gradients; parameter names, state dicts and checkpoints unchanged. 1 is one unit per block (the
     previous behaviour); the discriminator heads stay one unit each."""
+    fsdp: str = "auto"
+    """FSDP2 for the generator, fake score and teacher: ``auto`` shards them under several processes and
+    not in a single one, where there is nothing to shard; ``always`` shards them in a single process too
+    (the behaviour before this option). Unsharded, they are plain modules: fp32 master weights whose
+    matrix products run in the compute dtype under the engine's autocast (as in the original), the root
+    casting its inputs to the compute dtype as FSDP2's does. This removes FSDP2's work per block and pass
+    (hooks, the all-gather into a buffer, a cast per parameter, the gradients' copy out), which the host
+    issues more slowly than one GPU runs a batch of one: ``benchmarks/NOTES.md`` has the measurement.
+    Results differ from the sharded run by rounding only (parameters autocast leaves in fp32, e.g. norm
+    weights, are not rounded to bf16); checkpoints load either way."""
     cudnn_benchmark: bool = False
     """Let cuDNN time its convolution algorithms on the first call of each shape and keep the fastest
     (``torch.backends.cudnn.benchmark``). Training shapes are fixed (one resolution, one batch size), so
     only the first iteration pays; the VAE and the discriminator heads are convolutions. Off: cuDNN's
     heuristics choose, as in the original."""
+
+    def sharded(self, world_size: int) -> bool:
+        """Whether the generator, fake score and teacher are FSDP2 modules (``fsdp``)."""
+        return self.fsdp == "always" or world_size > 1
 
 
 @dataclass
@@ -350,7 +364,9 @@ class PrecisionConfig:
     """Weight dtype of the VAE."""
     fsdp_mixed: bool = True
     """FSDP2 all-gathers trained weights in the compute dtype (fast); false keeps fp32 weights under
-    autocast as the original did (required by ``compat.generator_fp32_when_no_grad``)."""
+    autocast as the original did (required by ``compat.generator_fp32_when_no_grad``). Measured on 2 x H200
+    (SD3.5 Medium, compiled, memory options): false 1.59 against 1.44 s/it, same peak. Unsharded nets
+    (``model.fsdp``) always keep fp32 weights under autocast."""
 
 
 @dataclass
@@ -629,6 +645,8 @@ def validate(cfg: Config, source: str = "config") -> None:
 
     if cfg.model.family not in ("sd3", "flux", "sdxl"):
         fail("model.family", f"unknown family {cfg.model.family!r} (supported: sd3, flux, sdxl)")
+    if cfg.model.fsdp not in ("auto", "always"):
+        fail("model.fsdp", "must be auto or always")
     if cfg.model.fsdp_blocks_per_unit < 1:
         fail("model.fsdp_blocks_per_unit", "must be >= 1")
     if not cfg.paths.pretrained_model:

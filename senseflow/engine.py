@@ -183,8 +183,9 @@ class Engine:
             side = torch.cuda.Stream(self.device) if pin and cfg.optimizer.offload_overlap else None
             self.park_fake = FlatStateParking(self.F.opt, pin, "fake score", stream=side)
         self.disc, self.D = self._build_discriminator()
-        self.gathered_G = cfg.model.keep_generator_gathered and keep_gathered(self.G.net)
-        if cfg.model.keep_generator_gathered and not self.gathered_G:
+        sharded = cfg.model.sharded(self.info.world_size)
+        self.gathered_G = cfg.model.keep_generator_gathered and sharded and keep_gathered(self.G.net)
+        if cfg.model.keep_generator_gathered and sharded and not self.gathered_G:
             logger.warning(
                 "model.keep_generator_gathered: this torch's FSDP2 cannot keep units gathered; ignored"
             )

@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.utils._pytree import tree_map
 
 from .distributed import DistInfo
 
@@ -112,6 +113,20 @@ def shard(
     return model
 
 
+def cast_root_inputs(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating-point tensors among ``model``'s forward arguments to ``dtype``, as the root of an
+    FSDP2 model with a mixed-precision policy does (``cast_forward_inputs``), so that an unsharded model
+    computes on the same activations' dtype as a sharded one."""
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    def hook(module, args, kwargs):
+        return tree_map(cast, args), tree_map(cast, kwargs)
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def fsdp_units(model: nn.Module) -> list[list[str]]:
     """The FSDP2 units of ``model``: for each, the names of the modules sharded together (``""`` is the
     root), in the order of ``model.named_modules()``. Grouped blocks are each an ``FSDPModule`` sharing
@@ -178,6 +193,7 @@ def build_sharded(
     compile_blocks: bool = False,
     blocks_per_unit: int = 1,
     unit_starts: Callable[[nn.Module], Iterable[nn.Module]] | None = None,
+    fsdp: bool = True,
 ) -> nn.Module:
     """Build a model skeleton on meta, shard it, allocate local shards and load ``full_state``.
 
@@ -190,6 +206,10 @@ def build_sharded(
         compile_blocks: ``torch.compile`` each block (see :func:`compile_modules`), also when grouped.
         blocks_per_unit: consecutive blocks per FSDP2 unit (``model.fsdp_blocks_per_unit``).
         unit_starts: returns the blocks that must begin a new unit (see :func:`shard`).
+        fsdp: shard with FSDP2; False (``model.fsdp`` in a single process) keeps a plain module whose
+            root casts its inputs to ``mp_policy``'s compute dtype as FSDP2's root does (see
+            :func:`cast_root_inputs`); the weights stay in ``dtype`` and the engine's autocast runs the
+            matrix products in the compute dtype.
     """
     model = _meta_params(build)
     nn.Module.to(model, dtype)  # bypass diffusers' override, which warns about fp32-pinned modules
@@ -197,13 +217,16 @@ def build_sharded(
     if gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
         model.enable_gradient_checkpointing()
     buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
-    shard(
-        model,
-        blocks(model),
-        mp_policy,
-        blocks_per_unit=blocks_per_unit,
-        unit_starts=unit_starts(model) if unit_starts is not None else (),
-    )
+    if fsdp:
+        shard(
+            model,
+            blocks(model),
+            mp_policy,
+            blocks_per_unit=blocks_per_unit,
+            unit_starts=unit_starts(model) if unit_starts is not None else (),
+        )
+    elif mp_policy is not None:
+        cast_root_inputs(model, mp_policy.param_dtype)
     model.to_empty(device=info.device)
     for name, buf in buffers.items():
         model.get_buffer(name).copy_(buf)

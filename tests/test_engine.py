@@ -230,6 +230,7 @@ def test_fsdp_blocks_per_unit(tiny_cache, tmp_path, family, config, units):
         "distill.generator_period=2",
         "train.iter_num=3",
         "checkpoint.enabled=false",
+        "model.fsdp=always",  # FSDP2 units in this single process
     ]
     runs = {}
     for n in (1, 2, 3):

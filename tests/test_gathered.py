@@ -17,7 +17,7 @@ def test_generator_stays_gathered_between_its_passes(tiny_cache, tmp_path, monke
     plain, kept = _plain_and_variant(
         tmp_path,
         "cpu",
-        ["distill.generator_period=3", "distill.backsim_prob=1.0", "train.iter_num=7"],
+        ["distill.generator_period=3", "distill.backsim_prob=1.0", "train.iter_num=7", "model.fsdp=always"],
         "model.keep_generator_gathered=true",
     )
     assert kept.gathered_G
@@ -48,3 +48,12 @@ def test_generator_stays_gathered_between_its_passes(tiny_cache, tmp_path, monke
     assert seen["fake_step"] and not any(seen["fake_step"])
     assert len(seen["gen_step"]) == 2 and not any(seen["gen_step"])
     _assert_trained_alike(tmp_path, plain, "variant", kept)
+
+
+def test_no_effect_without_fsdp(tiny_cache, tmp_path):
+    """Unsharded (``model.fsdp=auto`` in one process) there is nothing to keep gathered: the option is
+    ignored."""
+    from .test_offload import _tiny_engine
+
+    e = _tiny_engine(tmp_path, "cpu", "checkpoint.enabled=false", "model.keep_generator_gathered=true")
+    assert not e.gathered_G

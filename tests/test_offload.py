@@ -10,6 +10,7 @@ import torch
 from senseflow.config import load_config
 from senseflow.errors import ConfigError
 from senseflow.offload import StateOffload
+from senseflow.parallel import local_tensor
 
 from .test_engine import TINY, _losses, _metrics, make_engine
 
@@ -154,11 +155,11 @@ def test_engine_trains_the_same_and_resumes(tiny_cache, tmp_path, caplog):
     assert "stepped in 4 parts" in logged
     assert f"{off.G.offload.offloaded_bytes / 2**30:.2f} GiB" in logged
     assert off.G.offload.offloaded_bytes == 8 * sum(p.numel() for p in off.G.params)
-    # the rank-local tensors (G is an FSDP2 module: its states are DTensors) hold no storage
-    assert all(s["exp_avg"].to_local().untyped_storage().nbytes() == 0 for s in off.G.opt.state.values())
+    # the rank-local tensors (DTensor shards under FSDP2) hold no storage
+    assert all(local_tensor(s["exp_avg"]).untyped_storage().nbytes() == 0 for s in off.G.opt.state.values())
     (logged,) = [m for m in caplog.messages if "fake score optimiser states" in m]
     assert off.F.offload.offloaded_bytes == 8 * sum(p.numel() for p in off.F.params)
-    assert all(s["exp_avg"].to_local().untyped_storage().nbytes() == 0 for s in off.F.opt.state.values())
+    assert all(local_tensor(s["exp_avg"]).untyped_storage().nbytes() == 0 for s in off.F.opt.state.values())
     _assert_trained_alike(tmp_path, plain, "off", off)
 
     split = [
@@ -280,7 +281,7 @@ def test_fake_states_away_during_generator_steps_only(tiny_cache, tmp_path, monk
 
     def spy(t, losses, name, **kw):
         device_bytes = sum(
-            s["exp_avg"].to_local().untyped_storage().nbytes() for s in park.F.opt.state.values()
+            local_tensor(s["exp_avg"]).untyped_storage().nbytes() for s in park.F.opt.state.values()
         )
         seen.append((name, device_bytes, len(park.F.opt.state)))
         return step(t, losses, name, **kw)

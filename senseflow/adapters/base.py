@@ -234,9 +234,12 @@ class TeacherAdapter:
                     compile_blocks=self.cfg.model.compile_blocks,
                     blocks_per_unit=self.cfg.model.fsdp_blocks_per_unit,
                     unit_starts=self.unit_starts,
+                    fsdp=self.cfg.model.sharded(self.info.world_size),
                 )
             )
-        if self.cfg.model.fsdp_blocks_per_unit > 1:
+        if not self.cfg.model.sharded(self.info.world_size):
+            logger.info("single process: generator, fake score and teacher unsharded (model.fsdp=auto)")
+        elif self.cfg.model.fsdp_blocks_per_unit > 1:
             logger.info(
                 "FSDP2 units of up to %d blocks: %d units for the %d blocks of the generator",
                 self.cfg.model.fsdp_blocks_per_unit,
