@@ -135,7 +135,9 @@ class ModelConfig:
     matrix products run in the compute dtype under the engine's autocast (as in the original), the root
     casting its inputs to the compute dtype as FSDP2's does. This removes FSDP2's work per block and pass
     (hooks, the all-gather into a buffer, a cast per parameter, the gradients' copy out), which the host
-    issues more slowly than one GPU runs a batch of one: ``benchmarks/NOTES.md`` has the measurement.
+    issues more slowly than one GPU runs a batch of one. Measured (SD3.5 Medium, 1 x H200, the lean
+    single-GPU options, ``benchmarks/NOTES.md``): 0.87 and 0.96 s/it against 1.03 and 1.24 with FSDP2,
+    the same 56 GiB peak.
     Results differ from the sharded run by rounding only (parameters autocast leaves in fp32, e.g. norm
     weights, are not rounded to bf16); checkpoints load either way."""
     cudnn_benchmark: bool = False
