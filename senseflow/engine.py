@@ -183,12 +183,13 @@ class Engine:
             side = torch.cuda.Stream(self.device) if pin and cfg.optimizer.offload_overlap else None
             self.park_fake = FlatStateParking(self.F.opt, pin, "fake score", stream=side)
         self.disc, self.D = self._build_discriminator()
-        sharded = cfg.model.sharded(self.info.world_size)
-        self.gathered_G = cfg.model.keep_generator_gathered and sharded and keep_gathered(self.G.net)
-        if cfg.model.keep_generator_gathered and sharded and not self.gathered_G:
-            logger.warning(
-                "model.keep_generator_gathered: this torch's FSDP2 cannot keep units gathered; ignored"
-            )
+        self.gathered_G = False  # model.keep_generator_gathered: nothing to keep gathered when unsharded
+        if cfg.model.keep_generator_gathered and cfg.model.sharded(self.info.world_size):
+            self.gathered_G = keep_gathered(self.G.net)
+            if not self.gathered_G:
+                logger.warning(
+                    "model.keep_generator_gathered: this torch's FSDP2 cannot keep units gathered; ignored"
+                )
         self.park_teacher = None  # model.offload_teacher: in host memory outside generator iterations
         if cfg.model.offload_teacher:
             side = torch.cuda.Stream(self.device) if pin else None

@@ -13,6 +13,7 @@ holds (``broadcast_from_rank0``), so host memory does not scale with the number 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import warnings
@@ -26,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     set_model_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils._pytree import tree_map
 
 from .distributed import DistInfo
@@ -113,18 +114,44 @@ def shard(
     return model
 
 
-def cast_root_inputs(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast the floating-point tensors among ``model``'s forward arguments to ``dtype``, as the root of an
-    FSDP2 model with a mixed-precision policy does (``cast_forward_inputs``), so that an unsharded model
-    computes on the same activations' dtype as a sharded one."""
+def _cast_floats(dtype: torch.dtype, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` with their floating-point tensors (also nested) cast to ``dtype``."""
 
     def cast(t):
         return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
-    def hook(module, args, kwargs):
-        return tree_map(cast, args), tree_map(cast, kwargs)
+    return tree_map(cast, args), tree_map(cast, kwargs)
 
-    model.register_forward_pre_hook(hook, with_kwargs=True)
+
+def cast_root_inputs(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating-point tensors among ``model``'s forward arguments to ``dtype``, as the root of an
+    FSDP2 model with a mixed-precision policy does (``cast_forward_inputs``), so that an unsharded model
+    computes on the same activations' dtype as a sharded one (also in the methods registered with
+    :func:`register_forward_method`)."""
+    model._root_input_dtype = dtype
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: _cast_floats(dtype, args, kwargs), with_kwargs=True
+    )
+
+
+def register_forward_method(model: nn.Module, name: str) -> None:
+    """Make ``model.<name>`` a forward of the root as ``model.forward`` is: FSDP2 all-gathers the root's
+    weights for it and casts its inputs (``register_fsdp_forward_method``); an unsharded model's root
+    casts them as :func:`cast_root_inputs` does for ``forward``."""
+    if isinstance(model, FSDPModule):
+        register_fsdp_forward_method(model, name)
+        return
+    dtype = getattr(model, "_root_input_dtype", None)
+    if dtype is None:
+        return
+    method = getattr(model, name)
+
+    @functools.wraps(method)
+    def cast_then_call(*args, **kwargs):
+        args, kwargs = _cast_floats(dtype, args, kwargs)
+        return method(*args, **kwargs)
+
+    setattr(model, name, cast_then_call)
 
 
 def fsdp_units(model: nn.Module) -> list[list[str]]:

@@ -84,6 +84,32 @@ def test_unsharded_root_casts_its_inputs_like_fsdp(tiny_cache, tmp_path):
     assert seen == {"auto": torch.bfloat16, "always": torch.bfloat16}
 
 
+def test_unsharded_bottleneck_casts_its_inputs_like_fsdp(tiny_cache, tmp_path):
+    """DMD2's classifier runs the fake UNet's ``bottleneck`` method, a second forward of the root: its input
+    conv receives the latents in bf16 with and without FSDP2, as the UNet's ``forward`` does."""
+    seen = {}
+    for mode in ("auto", "always"):
+        (tmp_path / mode).mkdir()
+        e = make_engine(
+            tmp_path / mode,
+            "checkpoint.enabled=false",
+            "precision.compute=bf16",
+            f"model.fsdp={mode}",
+            config="configs/tiny/sdxl_dmd2_tiny.yaml",
+        )
+
+        def record(module, args, mode=mode):
+            seen.setdefault(mode, args[0].dtype)
+
+        handle = e.F.net.conv_in.register_forward_pre_hook(record)
+        latents = torch.randn(1, *e.adapter.latent_shape(e.cfg.train.resolution))
+        cond = e.adapter.encode_prompts(["a red circle"])
+        with torch.no_grad(), e._amp():
+            e.adapter.bottleneck(e.F.net, latents, torch.full((1,), 500.0), cond)
+        handle.remove()
+    assert seen == {"auto": torch.bfloat16, "always": torch.bfloat16}
+
+
 def test_unsharded_trains_like_sharded(tiny_cache, tmp_path):
     """Four iterations (two generator steps) in fp32: the same losses and weights up to rounding."""
     plain = _train(tmp_path, "plain", "checkpoint.enabled=false")

@@ -215,6 +215,7 @@ class TeacherAdapter:
             for name, module in extras.items():  # randomly initialised on rank 0, broadcast like the rest
                 fake_state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
         trained_compute = p.compute if p.fsdp_mixed else p.master
+        sharded = self.cfg.model.sharded(self.info.world_size)
         nets = []
         for config, state, trainable, extra in (
             (self.generator_config(), student_state, True, None),
@@ -234,10 +235,10 @@ class TeacherAdapter:
                     compile_blocks=self.cfg.model.compile_blocks,
                     blocks_per_unit=self.cfg.model.fsdp_blocks_per_unit,
                     unit_starts=self.unit_starts,
-                    fsdp=self.cfg.model.sharded(self.info.world_size),
+                    fsdp=sharded,
                 )
             )
-        if not self.cfg.model.sharded(self.info.world_size):
+        if not sharded:
             logger.info("single process: generator, fake score and teacher unsharded (model.fsdp=auto)")
         elif self.cfg.model.fsdp_blocks_per_unit > 1:
             logger.info(

@@ -133,9 +133,9 @@ class SDXLAdapter(TeacherAdapter):
     def build_networks(self):
         generator, fake, teacher = super().build_networks()
         if self.cfg.distill.classifier.enabled:
-            from torch.distributed.fsdp import register_fsdp_forward_method
+            from ..parallel import register_forward_method
 
-            register_fsdp_forward_method(fake, "bottleneck")  # all-gathers the root's weights for it
+            register_forward_method(fake, "bottleneck")  # all-gathers the root's weights for it, casts inputs
         return generator, fake, teacher
 
     def bottleneck_shape(self, resolution: int) -> tuple[int, int]:
