@@ -980,8 +980,14 @@ def plan(results: list[dict[str, Any]], memories: list[float], headroom: float, 
     for r in results:
         if r.get("memory", {}).get("peak_allocated_gib") is not None:
             by_recipe[plan_key(r)].append(r)
+
+    def replicated(rs: list[dict]) -> bool:  # nothing sharded: the peak does not fall with more GPUs
+        return "model.fsdp=never" in [o.replace(" ", "") for o in rs[0].get("overrides", [])]
+
     fitted = {}
     for name, rs in by_recipe.items():
+        if replicated(rs):
+            continue
         points = [(r["world_size"], r["memory"]["peak_allocated_gib"]) for r in rs]
         if len({n for n, _ in points}) >= 2:
             fitted[name] = fit_memory(points, 0.5)
@@ -999,7 +1005,9 @@ def plan(results: list[dict[str, Any]], memories: list[float], headroom: float, 
     for name in sorted(by_recipe):
         rs = by_recipe[name]
         points = [(r["world_size"], r["memory"]["peak_allocated_gib"]) for r in rs]
-        if name in fitted:
+        if replicated(rs):
+            rep, sh, basis = max(m for _, m in points), 0.0, "replicated on every GPU (model.fsdp=never)"
+        elif name in fitted:
             rep, sh, basis = fitted[name]
         else:
             measured = [r for r in rs if r["memory"].get("sharded_state_gib_per_gpu")]

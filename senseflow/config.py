@@ -131,7 +131,12 @@ class ModelConfig:
     fsdp: str = "auto"
     """FSDP2 for the generator, fake score and teacher: ``auto`` shards them under several processes and
     not in a single one, where there is nothing to shard; ``always`` shards them in a single process too
-    (the behaviour before this option). Unsharded, they are plain modules: fp32 master weights whose
+    (the behaviour before this option); ``never`` replicates them on every rank instead (data parallel, as
+    DDP does): each rank holds the whole nets, their gradients and optimiser states, as a single GPU does,
+    and after each backward the gradients are averaged over the ranks in large buckets (one all-reduce per
+    64 MiB), so every rank takes the same step. It needs the 1-GPU memory on every GPU, for the 1-GPU speed
+    per rank (no work per block and pass), the way to scale throughput with the GPU count when the nets and
+    their states fit on one GPU. Unsharded, they are plain modules: fp32 master weights whose
     matrix products run in the compute dtype under the engine's autocast (as in the original), the root
     casting its inputs to the compute dtype as FSDP2's does. This removes FSDP2's work per block and pass
     (hooks, the all-gather into a buffer, a cast per parameter, the gradients' copy out), which the host
@@ -148,7 +153,7 @@ class ModelConfig:
 
     def sharded(self, world_size: int) -> bool:
         """Whether the generator, fake score and teacher are FSDP2 modules (``fsdp``)."""
-        return self.fsdp == "always" or world_size > 1
+        return self.fsdp == "always" or (self.fsdp == "auto" and world_size > 1)
 
 
 @dataclass
@@ -647,8 +652,8 @@ def validate(cfg: Config, source: str = "config") -> None:
 
     if cfg.model.family not in ("sd3", "flux", "sdxl"):
         fail("model.family", f"unknown family {cfg.model.family!r} (supported: sd3, flux, sdxl)")
-    if cfg.model.fsdp not in ("auto", "always"):
-        fail("model.fsdp", "must be auto or always")
+    if cfg.model.fsdp not in ("auto", "always", "never"):
+        fail("model.fsdp", "must be auto, always or never")
     if cfg.model.fsdp_blocks_per_unit < 1:
         fail("model.fsdp_blocks_per_unit", "must be >= 1")
     if not cfg.paths.pretrained_model:

@@ -43,7 +43,7 @@ from .data import build_dataset
 from .data.json_dataset import InfiniteLoader
 from .discriminator import VFMDiscriminator
 from .discriminator.diffaug import diff_augment
-from .distributed import DistInfo, all_reduce_grads_, all_reduce_max_int, broadcast_tensors_
+from .distributed import DistInfo, GradReducer, all_reduce_max_int, broadcast_tensors_
 from .errors import SenseFlowError
 from .kernels import cast_matmul_weights_
 from .losses.decoupled import decoupled_dmd_loss
@@ -141,6 +141,13 @@ class Trainee:
     offload: StateOffload | None = None
     """Moves the optimiser states to host memory between steps (``optimizer.offload_generator_state``,
     ``optimizer.offload_fake_state``)."""
+    reducer: GradReducer | None = None
+    """Averages the gradients of a net replicated on several ranks during its step's backward (FSDP2
+    averages those of sharded nets itself)."""
+
+    @property
+    def replicated(self) -> bool:
+        return self.reducer is not None
 
 
 class Engine:
@@ -170,8 +177,9 @@ class Engine:
         torch.manual_seed(cfg.train.seed)  # randomly initialised parts (DMD2 head, D heads) are reproducible
         generator, fake, self._teacher = self.adapter.build_networks()
         logger.info("built generator, fake score and teacher in %.1fs", time.time() - t0)
-        self.G = self._trainee(generator)
-        self.F = self._trainee(fake)
+        replicated = info.world_size > 1 and not cfg.model.sharded(info.world_size)  # model.fsdp=never
+        self.G = self._trainee(generator, replicated=replicated)
+        self.F = self._trainee(fake, replicated=replicated)
         pin, chunks = self.device.type == "cuda", cfg.optimizer.offload_step_chunks
         if cfg.optimizer.offload_generator_state:
             self.G.offload = StateOffload(self.G.opt, pin, "generator", chunks)
@@ -277,7 +285,8 @@ class Engine:
                 sum(local_tensor(p).numel() for p in heads.parameters()) / 1e6,
                 sum(p.numel() for p in heads.parameters()) / 1e6,
             )
-        return disc, self._trainee(heads, list(disc.trainable_parameters()))
+        replicated = self.info.world_size > 1 and not self.shard_disc
+        return disc, self._trainee(heads, list(disc.trainable_parameters()), replicated=replicated)
 
     def _gan_time_weights(self) -> torch.Tensor:
         """Per-anchor weight ``w`` of the adversarial terms (spec §8.7), noisiest anchor first."""
@@ -299,10 +308,12 @@ class Engine:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(s.lr_start, s.lr_max, s.warm_up_steps))
         return opt, sched
 
-    def _trainee(self, net: nn.Module, params: list[nn.Parameter] | None = None) -> Trainee:
+    def _trainee(
+        self, net: nn.Module, params: list[nn.Parameter] | None = None, *, replicated: bool = False
+    ) -> Trainee:
         params = params if params is not None else [p for p in net.parameters() if p.requires_grad]
         opt, sched = self._optimizer(params)
-        return Trainee(net, opt, sched, params)
+        return Trainee(net, opt, sched, params, reducer=GradReducer(params) if replicated else None)
 
     # --- small helpers ------------------------------------------------------------------------------
 
@@ -322,15 +333,17 @@ class Engine:
         idx = sample_table_index(n, ts.dist, ts.min_index, ts.max_index, self.rng.noise, self.device)
         return self.schedule.table_level(idx, ts.table)
 
-    def _step(self, t: Trainee, losses: list[torch.Tensor], name: str, average: bool = False) -> torch.Tensor:
+    def _step(self, t: Trainee, losses: list[torch.Tensor], name: str) -> torch.Tensor:
         """Backward of each loss, global-norm clip, step unless the gradient is non-finite (spec §12.3,
-        N7), zero. ``average`` all-reduces the gradients of replicated (non-FSDP) nets over ranks."""
-        for loss in losses:
+        N7), zero. The gradients of a replicated net are first averaged over the ranks."""
+        for i, loss in enumerate(losses):
+            if t.reducer is not None and i == len(losses) - 1:
+                t.reducer.arm()  # the last backward's gradients are final: average them as they come
             loss.backward()
         if t is self.G and self.gathered_G:
             reshard_all(t.net)  # no unit may keep gathered copies of the weights the step is about to change
-        if average:
-            all_reduce_grads_(t.params)
+        if t.reducer is not None:
+            t.reducer.finish()
         norm = torch.nn.utils.clip_grad_norm_(t.params, self.cfg.train.grad_clip)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
@@ -763,7 +776,7 @@ class Engine:
         with self._amp():
             logits_fake = self.disc(image_fake.detach(), adv.text, adv.ref, generator=self.rng.noise)
         loss_fake = (adv.weight * hinge_d_fake(logits_fake)).mean()
-        norm = self._step(self.D, [loss_fake], "disc", average=not self.shard_disc)
+        norm = self._step(self.D, [loss_fake], "disc")
         self.D.sched.step()
         return {
             "loss/disc_real": loss_real.detach(),

@@ -611,3 +611,24 @@ def test_shipped_results_format(path):
         assert "within the phase" not in text and "peak_phase" not in r["memory"]
     else:
         assert all(re.fullmatch(r"(\d+\.\d|-) / (\d+\.\d|-)", c) for c in column), column
+
+
+def test_plan_replicated_runs_do_not_shrink_with_gpus():
+    """``model.fsdp=never`` replicates the nets: the plan counts the whole peak as replicated memory."""
+    from senseflow.bench import plan
+
+    runs = [
+        {
+            "recipe": "sd35_medium",
+            "resolution": 1024,
+            "batch_size_per_gpu": 1,
+            "world_size": n,
+            "overrides": ["model.fsdp=never"],
+            "memory": {"peak_allocated_gib": m, "sharded_state_gib_per_gpu": [30.0] * n},
+        }
+        for n, m in [(1, 56.0), (2, 57.0)]
+    ]
+    rows, _, _ = plan(runs, [80.0, 48.0], 0.1, None)
+    (row,) = rows
+    assert row["sharded_gib"] == 0 and row["replicated_gib"] == 57.0 and "model.fsdp=never" in row["basis"]
+    assert row["fits"][80.0]["gpus"] == 1 and row["fits"][48.0]["gpus"] is None

@@ -54,8 +54,15 @@ def test_single_process_nets_are_plain_unless_always(tiny_cache, tmp_path):
     sharded = make_engine(tmp_path, "checkpoint.enabled=false", "model.fsdp=always")
     for net in (sharded.G.net, sharded.F.net, sharded.teacher):
         assert _fsdp(net)
-    with pytest.raises(ConfigError, match="model.fsdp: must be auto or always"):
-        load_config(TINY, ["model.fsdp=never"])
+    with pytest.raises(ConfigError, match="model.fsdp: must be auto, always or never"):
+        load_config(TINY, ["model.fsdp=sometimes"])
+    assert not load_config(TINY, ["model.fsdp=never"]).model.sharded(1)
+    assert not load_config(TINY, ["model.fsdp=never"]).model.sharded(
+        8
+    )  # replicated (tests/test_replicate.py)
+    assert load_config(TINY, []).model.sharded(2) and load_config(TINY, ["model.fsdp=always"]).model.sharded(
+        1
+    )
 
 
 def test_unsharded_root_casts_its_inputs_like_fsdp(tiny_cache, tmp_path):

@@ -238,7 +238,13 @@ class TeacherAdapter:
                     fsdp=sharded,
                 )
             )
-        if not sharded:
+        if not sharded and self.info.world_size > 1:
+            logger.info(
+                "generator, fake score and teacher replicated on each of %d ranks, gradients averaged "
+                "(model.fsdp=never)",
+                self.info.world_size,
+            )
+        elif not sharded:
             logger.info("single process: generator, fake score and teacher unsharded (model.fsdp=auto)")
         elif self.cfg.model.fsdp_blocks_per_unit > 1:
             logger.info(
