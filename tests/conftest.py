@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import json
 import os
 import socket
 import subprocess
@@ -81,3 +84,53 @@ def spawn_gloo(worker, args: tuple, nprocs: int) -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, store_path: str, world: int, timeout_s: int = 180):
+    """Inside a :func:`spawn_gloo` worker: one CPU thread, a gloo process group over a file store for the
+    ``with`` block, destroyed when it ends (also on an error)."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_engine_runs(
+    worker, tmp: Path, world: int, runs: list[str]
+) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Build the tiny SD3.5 recipe's assets once (not raced by the ranks), run ``worker(rank, store, tmp)``
+    on ``world`` gloo ranks, and return what each rank saved as ``tmp/rank<r>.pt`` and the metrics records
+    of each named run (``tmp/<run>/metrics.jsonl``)."""
+    import torch
+
+    from senseflow.data.tiny import resolve_path
+
+    for asset in ("sd3", "shapes", "dino", "clip"):
+        resolve_path(f"tiny:{asset}")
+    spawn_gloo(worker, (str(tmp / "store"), str(tmp)), world)
+    results = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    metrics = {
+        name: [json.loads(line) for line in (tmp / name / "metrics.jsonl").read_text().splitlines()]
+        for name in runs
+    }
+    return results, metrics
+
+
+def loss_metrics(record: dict) -> dict[str, float]:
+    """The losses, gradient norms and discriminator metrics of one metrics record (no timings)."""
+    return {k: v for k, v in record.items() if k.startswith(("loss/", "grad_norm/", "disc/"))}
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    """The largest absolute difference between same-named tensors of two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)

@@ -14,7 +14,6 @@ LayerNorm, a frozen parameter and a buffer.
 
 from __future__ import annotations
 
-import datetime
 import os
 
 import pytest
@@ -22,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .conftest import spawn_gloo
+from .conftest import gloo_group, spawn_gloo
 
 LAM = 0.97
 WORLD = 2
@@ -72,12 +71,7 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
     from senseflow.losses.ida import implicit_distribution_alignment_
     from senseflow.parallel import reshard
 
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, WORLD)
-    dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
+    with gloo_group(rank, store_path, WORLD, timeout_s=60):
         mesh = init_device_mesh("cpu", (WORLD,))
         x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
         results = {}
@@ -111,8 +105,6 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,15 @@ One spawn runs everything (in-process ``Engine.train`` calls, as the launcher ma
 
 from __future__ import annotations
 
-import datetime
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from .conftest import REPO, spawn_gloo
+from .conftest import REPO, gloo_group, spawn_engine_runs
+from .conftest import loss_metrics as _losses
+from .conftest import max_abs_diff as _max_diff
 
 WORLD = 2
 TINY = "configs/tiny/sd35_senseflow_tiny.yaml"
@@ -119,12 +119,7 @@ def _reducer_check(rank: int) -> dict:
 def _worker(rank: int, store_path: str, out_dir: str) -> None:
     from senseflow.distributed import DistInfo
 
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, WORLD)
-    dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=180)
-    )
-    try:
+    with gloo_group(rank, store_path, WORLD):
         info = DistInfo(rank, WORLD, rank, torch.device("cpu"))
         out = Path(out_dir)
         results = {"reducer": _reducer_check(rank)}
@@ -138,33 +133,12 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
         results["cross"] = _train(["model.fsdp=never", *SPLIT], out / "cross", info)
         torch.save(results, out / f"rank{rank}.pt")
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_cache, tmp_path_factory):
-    from senseflow.data.tiny import resolve_path
-
-    for asset in ("sd3", "shapes", "dino", "clip"):
-        resolve_path(f"tiny:{asset}")  # built once, here, not raced by the ranks
     tmp = tmp_path_factory.mktemp("replicate")
-    spawn_gloo(_worker, (str(tmp / "store"), str(tmp)), WORLD)
-    results = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    metrics = {
-        name: [json.loads(line) for line in (tmp / name / "metrics.jsonl").read_text().splitlines()]
-        for name in ("sharded", "replicated", "split", "cross")
-    }
-    return results, metrics
-
-
-def _losses(record: dict) -> dict[str, float]:
-    return {k: v for k, v in record.items() if k.startswith(("loss/", "grad_norm/", "disc/"))}
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    return spawn_engine_runs(_worker, tmp, WORLD, ["sharded", "replicated", "split", "cross"])
 
 
 def test_grad_reducer_averages_during_backward(runs):

@@ -11,8 +11,6 @@ rank's results to ``tmp_path``; about 25 s on 2 CPU cores."""
 
 from __future__ import annotations
 
-import datetime
-import json
 import logging
 from pathlib import Path
 
@@ -20,7 +18,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from .conftest import REPO, spawn_gloo
+from .conftest import REPO, gloo_group, spawn_engine_runs
+from .conftest import loss_metrics as _losses
+from .conftest import max_abs_diff as _max_diff
 
 WORLD = 2
 TINY = "configs/tiny/sd35_senseflow_tiny.yaml"
@@ -117,15 +117,10 @@ def _train(overrides: list[str], save_dir: Path, info, messages: _Messages) -> d
 def _worker(rank: int, store_path: str, out_dir: str) -> None:
     from senseflow.distributed import DistInfo
 
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, WORLD)
-    dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=180)
-    )
     messages = _Messages()
     logging.getLogger("senseflow.engine").addHandler(messages)
     logging.getLogger("senseflow.engine").setLevel(logging.INFO)
-    try:
+    with gloo_group(rank, store_path, WORLD):
         info = DistInfo(rank, WORLD, rank, torch.device("cpu"))
         out = Path(out_dir)
         results = {}
@@ -142,32 +137,12 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
         results["split"] = _train([*split, "train.iter_num=3"], out / "split", info, messages)
         torch.save(results, out / f"rank{rank}.pt")
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_cache, tmp_path_factory):
-    from senseflow.data.tiny import resolve_path
-
-    for asset in ("sd3", "shapes", "dino", "clip"):
-        resolve_path(f"tiny:{asset}")  # built once, here, not raced by the ranks
     tmp = tmp_path_factory.mktemp("shard_disc")
-    spawn_gloo(_worker, (str(tmp / "store"), str(tmp)), WORLD)
-    results = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    metrics = {
-        name: [json.loads(line) for line in (tmp / name / "metrics.jsonl").read_text().splitlines()]
-        for name in [*RUNS, "grouped", "split"]
-    }
-    return results, metrics
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    return max((a[k] - b[k]).abs().max().item() for k in b)
-
-
-def _losses(record: dict) -> dict[str, float]:
-    return {k: v for k, v in record.items() if k.startswith(("loss/", "grad_norm/", "disc/"))}
+    return spawn_engine_runs(_worker, tmp, WORLD, [*RUNS, "grouped", "split"])
 
 
 @pytest.mark.parametrize("leak", [False, True], ids=["fixed", "leak"])

@@ -4,14 +4,13 @@ encodings as unsharded copies, while each rank holds about half of the encoders'
 
 from __future__ import annotations
 
-import datetime
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from .conftest import REPO, spawn_gloo
+from .conftest import REPO, gloo_group, spawn_gloo
 
 WORLD = 2
 CONFIGS = {"sd3": "configs/tiny/sd35_senseflow_tiny.yaml", "flux": "configs/tiny/flux_senseflow_tiny.yaml"}
@@ -27,12 +26,7 @@ def _worker(rank: int, store_path: str, out_dir: str, teachers: dict) -> None:
     from senseflow.distributed import DistInfo
     from senseflow.parallel import fsdp_units
 
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, WORLD)
-    dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120)
-    )
-    try:
+    with gloo_group(rank, store_path, WORLD, timeout_s=120):
         info = DistInfo(rank, WORLD, rank, torch.device("cpu"))
         prompts = [f"a red circle number {rank}", "a blue square at the top left"][: 1 + rank]  # ranks differ
         results = {}
@@ -64,8 +58,6 @@ def _worker(rank: int, store_path: str, out_dir: str, teachers: dict) -> None:
                 }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
