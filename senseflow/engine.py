@@ -177,9 +177,9 @@ class Engine:
         torch.manual_seed(cfg.train.seed)  # randomly initialised parts (DMD2 head, D heads) are reproducible
         generator, fake, self._teacher = self.adapter.build_networks()
         logger.info("built generator, fake score and teacher in %.1fs", time.time() - t0)
-        replicated = info.world_size > 1 and not cfg.model.sharded(info.world_size)  # model.fsdp=never
-        self.G = self._trainee(generator, replicated=replicated)
-        self.F = self._trainee(fake, replicated=replicated)
+        sharded = cfg.model.sharded(info.world_size)
+        self.G = self._trainee(generator, sharded=sharded)
+        self.F = self._trainee(fake, sharded=sharded)
         pin, chunks = self.device.type == "cuda", cfg.optimizer.offload_step_chunks
         if cfg.optimizer.offload_generator_state:
             self.G.offload = StateOffload(self.G.opt, pin, "generator", chunks)
@@ -285,8 +285,7 @@ class Engine:
                 sum(local_tensor(p).numel() for p in heads.parameters()) / 1e6,
                 sum(p.numel() for p in heads.parameters()) / 1e6,
             )
-        replicated = self.info.world_size > 1 and not self.shard_disc
-        return disc, self._trainee(heads, list(disc.trainable_parameters()), replicated=replicated)
+        return disc, self._trainee(heads, list(disc.trainable_parameters()), sharded=self.shard_disc)
 
     def _gan_time_weights(self) -> torch.Tensor:
         """Per-anchor weight ``w`` of the adversarial terms (spec §8.7), noisiest anchor first."""
@@ -308,11 +307,12 @@ class Engine:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(s.lr_start, s.lr_max, s.warm_up_steps))
         return opt, sched
 
-    def _trainee(
-        self, net: nn.Module, params: list[nn.Parameter] | None = None, *, replicated: bool = False
-    ) -> Trainee:
+    def _trainee(self, net: nn.Module, params: list[nn.Parameter] | None = None, *, sharded: bool) -> Trainee:
+        """``net`` with its optimiser; unless FSDP2 ``sharded`` it, its gradients are averaged over several
+        ranks by a :class:`GradReducer` (``model.fsdp=never``, replicated discriminator heads)."""
         params = params if params is not None else [p for p in net.parameters() if p.requires_grad]
         opt, sched = self._optimizer(params)
+        replicated = self.info.world_size > 1 and not sharded
         return Trainee(net, opt, sched, params, reducer=GradReducer(params) if replicated else None)
 
     # --- small helpers ------------------------------------------------------------------------------
