@@ -133,8 +133,9 @@ class ModelConfig:
     not in a single one, where there is nothing to shard; ``always`` shards them in a single process too
     (the behaviour before this option); ``never`` replicates them on every rank instead (data parallel, as
     DDP does): each rank holds the whole nets, their gradients and optimiser states, as a single GPU does,
-    and the gradients are averaged over the ranks in 64 MiB fp32 buckets while the backward runs
-    (``senseflow.distributed.GradReducer``), so every rank takes the same step. It needs the 1-GPU memory on every GPU, for the 1-GPU speed
+    and the gradients are averaged over the ranks while the backward runs, in 64 MiB buckets whose
+    buffers the gradients are views of (``senseflow.distributed.GradReducer``; reduced in fp32), so every
+    rank takes the same step. It needs the 1-GPU memory on every GPU, for the 1-GPU speed
     per rank (no work per block and pass), the way to scale throughput with the GPU count when the nets and
     their states fit on one GPU. Unsharded, they are plain modules: fp32 master weights whose
     matrix products run in the compute dtype under the engine's autocast (as in the original), the root

@@ -7,6 +7,7 @@ every collective run through the same code in both cases.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -109,20 +110,24 @@ class GradReducer:
     """Averages a replicated module's gradients over the ranks while its backward runs, as DDP does.
 
     The parameters are put in buckets of about ``bucket_bytes`` in reverse order (a backward produces the
-    last layers' gradients first), one dtype per bucket. Between :meth:`arm` and :meth:`finish` (one
-    backward), a hook after each gradient's accumulation counts the bucket's gradients; a complete bucket
-    is flattened into one fp32 buffer whose all-reduce is started at once, asynchronously, in bucket order
-    (so every rank issues the same collectives in the same order), with at most ``in_flight`` buffers alive
-    (the oldest is waited for, averaged and copied back into its gradients first). The collectives thus
-    run while the host still issues the backward's kernels.
+    last layers' gradients first), one dtype per bucket. During a step (:meth:`begin` before its first
+    backward, :meth:`finish` after its last) the gradients are views into one flat buffer per bucket
+    (DDP's ``gradient_as_bucket_view``): the buffer is made when the bucket's first gradient arrives (so
+    gradients take memory as the backward produces them, not earlier), that gradient is copied in, and the
+    bucket's other parameters accumulate into their views in place. In the step's last backward
+    (:meth:`arm`) a hook after each gradient's accumulation counts the bucket's gradients, and a complete
+    bucket's buffer is all-reduced at once, asynchronously and in place, in bucket order (so every rank
+    issues the same collectives in the same order): no flattening or copying back per parameter, and the
+    collectives run while the host still issues the backward's kernels. fp32 buffers are reduced as they
+    are; others through an fp32 copy (at most ``in_flight`` alive), as FSDP2's ``reduce_dtype``.
 
-    A bucket is complete when the parameters that received a gradient in the previous backward have
-    received theirs (all parameters before the first), so parameters without gradients do not hold their
-    bucket back after the first step; one that receives its first gradient after its bucket left is
-    reduced by :meth:`finish`, with everything else that remains. Every rank must produce gradients for the
-    same parameters, each at most once per backward: a parameter accumulated after its gradient was
-    already sent (twice in one backward, e.g. shared between reentrant checkpoints) is an error, not a
-    silently wrong average."""
+    A bucket is complete when the parameters that received a gradient in the previous step's last backward
+    have received theirs (all parameters before the first), so parameters without gradients do not hold
+    their bucket back after the first step. Those others keep gradients of their own and are reduced by
+    :meth:`finish`, with everything else that remains. Every rank must produce gradients for the same
+    parameters, each at most once per backward: a parameter accumulated after its gradient was already
+    sent (twice in one backward, e.g. shared between reentrant checkpoints) is an error, not a silently
+    wrong average."""
 
     def __init__(self, params: list[torch.Tensor], bucket_bytes: int = 64 << 20, in_flight: int = 2):
         self.world = dist.get_world_size()
@@ -137,78 +142,124 @@ class GradReducer:
             self.buckets[-1].append(p)
             size += p.numel() * p.element_size()
         self.bucket_of = {id(p): k for k, bucket in enumerate(self.buckets) for p in bucket}
+        self.layout: list[list[tuple]] = []  # per bucket: each parameter's (shape, strides, offset) in it
+        for bucket in self.buckets:
+            offsets = itertools.accumulate((p.numel() for p in bucket), initial=0)
+            self.layout.append([(p.shape, contiguous_strides(p.shape), o) for p, o in zip(bucket, offsets)])
         self.expected = {id(p) for p in self.params}
-        self.armed = False
-        self.launched_in_backward = 0  # buckets started before :meth:`finish` in the last backward
+        self.active = self.armed = False
+        self.launched_in_backward = 0  # buckets started before :meth:`finish` in the last step
         for p in self.params:
             p.register_post_accumulate_grad_hook(self._accumulated)
 
+    def begin(self) -> None:
+        """Before the step's first backward (no-op if already begun): its gradients go into the buckets."""
+        if self.active:
+            return
+        self.active = True
+        self.flats: list[torch.Tensor | None] = [None] * len(self.buckets)
+        self.got: set[int] = set()  # parameters with a gradient in this step
+        self.armed_seen: set[int] = set()  # ... in its last backward
+
     def arm(self) -> None:
-        """Start counting: the next backward's gradients are the ones to average."""
+        """Before the step's last backward: its gradients are final, average them as they come."""
+        self.begin()
         self.armed = True
         self.remaining = [sum(id(p) in self.expected for p in b) for b in self.buckets]
-        self.seen: set[int] = set()
-        self.sent: set[int] = set()
-        self.late: list[torch.Tensor] = []
         self.next = 0
         self.works: list[tuple] = []
         self._advance()
 
+    def _materialize(self, k: int) -> None:
+        """Bucket ``k``'s buffer; its expected parameters' gradients become views into it."""
+        bucket = self.buckets[k]
+        flat = torch.zeros(sum(p.numel() for p in bucket), dtype=bucket[0].dtype, device=bucket[0].device)
+        for p, (shape, strides, offset) in zip(bucket, self.layout[k]):
+            if id(p) in self.expected:
+                view = flat.as_strided(shape, strides, offset)  # one operator per parameter
+                if p.grad is not None:
+                    view.copy_(p.grad)
+                p.grad = view
+        self.flats[k] = flat
+
     def _accumulated(self, p: torch.Tensor) -> None:
+        if not self.active:
+            return
+        self.got.add(id(p))
+        k = self.bucket_of[id(p)]
+        expected = id(p) in self.expected
+        if expected and self.flats[k] is None:
+            self._materialize(k)
         if not self.armed:
             return
-        if id(p) in self.sent:
+        if expected and (k < self.next or id(p) in self.armed_seen):
             raise RuntimeError(
                 f"gradient of a {tuple(p.shape)} parameter accumulated after it was sent to be averaged "
                 "(twice in one backward?): replicated modules need each parameter once per backward"
             )
-        self.seen.add(id(p))
-        k = self.bucket_of[id(p)]
-        if k < self.next:  # no gradient when its bucket left: sent by finish()
-            self.late.append(p)
-            return
-        if id(p) in self.expected:
+        self.armed_seen.add(id(p))
+        if expected:  # others have gradients of their own, reduced by finish()
             self.remaining[k] -= 1
             self._advance()
 
     def _advance(self) -> None:
         while self.next < len(self.buckets) and self.remaining[self.next] == 0:
-            self._send(self.buckets[self.next])
+            self._send(self.flats[self.next])
             self.next += 1
 
-    def _send(self, params: list[torch.Tensor]) -> None:
-        from torch._utils import _flatten_dense_tensors
-
-        grads = [p.grad for p in params if p.grad is not None]
-        self.sent.update(id(p) for p in params if p.grad is not None)
-        if not grads:
+    def _send(self, flat: torch.Tensor | None, grads: list[torch.Tensor] | None = None) -> None:
+        """Start the all-reduce of ``flat`` (nothing if the bucket got no gradient: on no rank, by the
+        contract above); ``grads``: the tensors ``flat`` was flattened from, to copy the mean back into."""
+        if flat is None:
             return
-        flat = _flatten_dense_tensors(grads).float()
-        self.works.append((dist.all_reduce(flat, async_op=True), flat, grads))
-        if len(self.works) > self.in_flight:
-            self._complete(self.works.pop(0))
+        wide = flat if flat.dtype == torch.float32 else flat.float()
+        self.works.append((dist.all_reduce(wide, async_op=True), wide, flat, grads))
+        if wide is not flat and sum(w[1] is not w[2] for w in self.works) > self.in_flight:
+            entry = next(w for w in self.works if w[1] is not w[2])
+            self.works.remove(entry)
+            self._complete(entry)
 
     def _complete(self, entry: tuple) -> None:
         from torch._utils import _unflatten_dense_tensors
 
-        work, flat, grads = entry
+        work, wide, flat, grads = entry
         work.wait()
-        flat /= self.world
-        torch._foreach_copy_(grads, _unflatten_dense_tensors(flat, grads))
+        wide /= self.world
+        if wide is not flat:
+            flat.copy_(wide)
+        if grads is not None:
+            torch._foreach_copy_(grads, _unflatten_dense_tensors(flat, grads))
 
     def finish(self) -> None:
-        """After the backward: reduce what remains and wait until every gradient is averaged."""
+        """After the step's last backward: reduce what remains and wait until every gradient is averaged;
+        parameters without a gradient in this step have none (``grad`` None) afterwards."""
+        from torch._utils import _flatten_dense_tensors
+
         self.launched_in_backward = self.next
         while self.next < len(self.buckets):
-            self._send(self.buckets[self.next])
+            self._send(self.flats[self.next])
             self.next += 1
-        for dtype in sorted({p.dtype for p in self.late}, key=str):  # the same order on every rank
-            self._send([p for p in self.late if p.dtype == dtype])
+        own = [p for p in self.params if id(p) in self.got and id(p) not in self.expected]
+        for dtype in sorted({p.dtype for p in own}, key=str):  # the same order on every rank
+            grads = [p.grad for p in own if p.dtype == dtype]
+            self._send(_flatten_dense_tensors(grads), grads)
         for entry in self.works:
             self._complete(entry)
-        self.works = []
-        self.armed = False
-        self.expected = self.seen
+        for p in self.params:
+            if id(p) not in self.got:
+                p.grad = None
+        self.expected = self.armed_seen
+        self.works, self.flats = [], []
+        self.active = self.armed = False
+
+
+def contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    """Strides of a contiguous tensor of ``shape``."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 def cleanup() -> None:

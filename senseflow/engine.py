@@ -222,6 +222,8 @@ class Engine:
         )
         self.iteration = 0
         self.counters = {"skipped_images": 0, "nonfinite_gen": 0, "nonfinite_fake": 0, "nonfinite_disc": 0}
+        self.nonfinite_pending: dict[str, torch.Tensor] = {}
+        """Skipped steps of fused optimisers, counted on the device until the next log or checkpoint."""
 
     @property
     def teacher(self) -> nn.Module:
@@ -333,13 +335,21 @@ class Engine:
         idx = sample_table_index(n, ts.dist, ts.min_index, ts.max_index, self.rng.noise, self.device)
         return self.schedule.table_level(idx, ts.table)
 
+    @staticmethod
+    def _backward(t: Trainee, loss: torch.Tensor, *, last: bool) -> None:
+        """``loss.backward()`` into ``t``'s gradients; ``last``: the step's last backward, whose gradients
+        are final (a replicated net's are then averaged over the ranks as they come)."""
+        if t.reducer is not None:
+            t.reducer.begin()
+            if last:
+                t.reducer.arm()
+        loss.backward()
+
     def _step(self, t: Trainee, losses: list[torch.Tensor], name: str) -> torch.Tensor:
         """Backward of each loss, global-norm clip, step unless the gradient is non-finite (spec §12.3,
         N7), zero. The gradients of a replicated net are first averaged over the ranks."""
         for i, loss in enumerate(losses):
-            if t.reducer is not None and i == len(losses) - 1:
-                t.reducer.arm()  # the last backward's gradients are final: average them as they come
-            loss.backward()
+            self._backward(t, loss, last=i == len(losses) - 1)
         if t is self.G and self.gathered_G:
             reshard_all(t.net)  # no unit may keep gathered copies of the weights the step is about to change
         if t.reducer is not None:
@@ -349,11 +359,15 @@ class Engine:
             norm = norm.full_tensor()
         if t is self.F and self.park_fake is not None:
             self.park_fake.ready()  # optimizer.offload_overlap: the states' copy back has arrived
-        if torch.isfinite(norm):
-            if t.offload is not None:
-                t.offload.step(lambda: self._opt_step(t, name))
-            else:
-                self._opt_step(t, name)
+        nonfinite = ~torch.isfinite(norm)
+        if t.opt.defaults.get("fused"):
+            # the fused kernel skips the whole update (and its step count) where found_inf is 1: no host
+            # synchronisation per step; the skipped steps are counted at the next log (_count_nonfinite)
+            t.opt.found_inf = nonfinite.float()
+            self._opt_step_offloaded(t, name)
+            self.nonfinite_pending[name] = self.nonfinite_pending.get(name, 0) + nonfinite.int()
+        elif not nonfinite:  # waits for the device
+            self._opt_step_offloaded(t, name)
         else:
             self.counters[f"nonfinite_{name}"] += 1
             logger.warning(
@@ -361,6 +375,26 @@ class Engine:
             )
         t.opt.zero_grad(set_to_none=True)
         return norm.detach()
+
+    def _opt_step_offloaded(self, t: Trainee, name: str) -> None:
+        if t.offload is not None:
+            t.offload.step(lambda: self._opt_step(t, name))
+        else:
+            self._opt_step(t, name)
+
+    def _count_nonfinite(self) -> None:
+        """Add the skipped steps counted on the device (fused optimisers) to ``counters``, with a warning."""
+        for name, n in self.nonfinite_pending.items():
+            n = int(n)
+            if n:
+                self.counters[f"nonfinite_{name}"] += n
+                logger.warning(
+                    "%d non-finite %s gradient norm(s) up to iteration %d: those steps were skipped",
+                    n,
+                    name,
+                    self.iteration,
+                )
+        self.nonfinite_pending.clear()
 
     def _opt_step(self, t: Trainee, name: str) -> None:
         """``t.opt.step()``; the first 8-bit AdamW step is announced and timed, because torchao compiles
@@ -772,7 +806,7 @@ class Engine:
         with self._amp():
             logits_real = self.disc(image_real, adv.text, adv.ref, generator=self.rng.noise)
         loss_real = (adv.weight * hinge_d_real(logits_real)).mean()
-        loss_real.backward()
+        self._backward(self.D, loss_real, last=False)
         with self._amp():
             logits_fake = self.disc(image_fake.detach(), adv.text, adv.ref, generator=self.rng.noise)
         loss_fake = (adv.weight * hinge_d_fake(logits_fake)).mean()
@@ -827,6 +861,7 @@ class Engine:
 
     def _common_state(self) -> dict[str, Any]:
         """State identical on every rank (written once by rank 0)."""
+        self._count_nonfinite()
         return {
             "iteration": self.iteration,
             "loader": self.loader.state_dict(),
@@ -942,6 +977,7 @@ class Engine:
                 signum = self._agreed_stop(stop, k)
                 last = k == cfg.train.iter_num
                 if k % cfg.train.log_interval == 0 or last or signum:
+                    self._count_nonfinite()
                     now = time.time()
                     record = self.metrics.flush(
                         k, {"sec_per_iter": (now - t_last) / (k - k_logged), **self.counters}

@@ -264,3 +264,32 @@ def test_fsdp_blocks_per_unit(tiny_cache, tmp_path, family, config, units):
                     assert b[k] == pytest.approx(a[k], rel=1e-4), (n, k)
             diff = torch.cat([(f[k] - final[k]).flatten() for k in final])
             assert diff.norm() < 1e-2 * update.norm(), (n, diff.norm() / update.norm())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_nonfinite_gradient_skips_the_step(tiny_cache, tmp_path, fused):
+    """A non-finite gradient norm skips the optimiser step (weights, moments and step count unchanged) and
+    is counted; a finite one then steps. The fused AdamW of CUDA runs skips on the device (``found_inf``,
+    no host synchronisation) and counts them at the next log; the other optimisers check on the host."""
+    engine = make_engine(tmp_path)
+    t = engine.F
+    t.opt = torch.optim.AdamW(t.params, lr=1e-3, fused=fused)
+    weights = [p.detach().clone() for p in t.params]
+    before = dict(engine.counters)
+
+    def loss(scale: float) -> torch.Tensor:
+        return scale * sum(p.float().sum() for p in t.params)
+
+    engine._step(t, [loss(float("nan"))], "fake")
+    assert all(torch.equal(p, w) for p, w in zip(t.params, weights))
+    assert all(torch.count_nonzero(s.get("exp_avg", torch.zeros(1))) == 0 for s in t.opt.state.values())
+    assert all(int(s.get("step", 0)) == 0 for s in t.opt.state.values())
+    # fused: nothing counted on the host yet (that would have synchronised)
+    assert engine.counters["nonfinite_fake"] == before["nonfinite_fake"] + (0 if fused else 1)
+    engine._count_nonfinite()
+    assert engine.counters["nonfinite_fake"] == before["nonfinite_fake"] + 1
+    engine._step(t, [loss(1.0)], "fake")
+    assert not any(torch.equal(p, w) for p, w in zip(t.params, weights))
+    assert all(int(s["step"]) == 1 for s in t.opt.state.values())
+    engine._count_nonfinite()
+    assert engine.counters["nonfinite_fake"] == before["nonfinite_fake"] + 1

@@ -62,10 +62,13 @@ def _train(overrides: list[str], save_dir: Path, info) -> dict:
 
 def _reducer_check(rank: int) -> dict:
     """:class:`GradReducer` on a small net with fp32 parameters, a bf16 one and one that never gets a
-    gradient, in buckets of one or two tensors, over two backwards: in the first the bf16 parameter gets no
+    gradient, in buckets of one or two tensors, over three steps: in the first the bf16 parameter gets no
     gradient and the unused one holds every bucket back; in the second the bf16 one gets its first
-    gradient after its bucket left. Each gradient becomes the mean of the ranks' gradients. A parameter
-    accumulated twice in one backward (shared by two reentrant checkpoints) is an error."""
+    gradient after its bucket left (a gradient of its own, reduced at the end); the third has two
+    backwards (the first before :meth:`arm`, as the discriminator's real pass), and the bf16 gradient is
+    now a view too, reduced through fp32. Each gradient becomes the mean of the ranks' gradients, and
+    those expected are views into the buckets. A parameter accumulated twice in one backward (shared by two
+    reentrant checkpoints) is an error."""
     from torch import nn
 
     from senseflow.distributed import GradReducer
@@ -75,9 +78,10 @@ def _reducer_check(rank: int) -> dict:
     scale = nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
     unused = nn.Parameter(torch.zeros(2))
     params = [*net.parameters(), scale, unused]
+    backwards = [1, 1, 2]
 
-    def backward(r: int, step: int) -> None:
-        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(10 * step + r))
+    def backward(r: int, step: int, i: int) -> None:
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(10 * step + 3 * i + r))
         y = net(x) * scale.float() if step else net(x)
         y.square().sum().backward()
 
@@ -85,21 +89,26 @@ def _reducer_check(rank: int) -> dict:
         for p in params:
             p.grad = None
 
-    want, got, launched = [], [], []
+    want, got, launched, views = [], [], [], []
     reducer = GradReducer(params, bucket_bytes=64)
-    for step in range(2):
+    for step, n in enumerate(backwards):
         local = []
         for r in range(WORLD):  # every rank's gradients, computed here
-            backward(r, step)
+            for i in range(n):
+                backward(r, step, i)
             local.append([p.grad for p in params])
             zero()
         want.append(
             [None if a is None else ((a.float() + b.float()) / 2).to(a.dtype) for a, b in zip(*local)]
         )
-        reducer.arm()
-        backward(rank, step)
+        reducer.begin()
+        for i in range(n):
+            if i == n - 1:
+                reducer.arm()
+            backward(rank, step, i)
         reducer.finish()
         got.append([p.grad for p in params])
+        views.append([p.grad is not None and p.grad._base is not None for p in params])
         launched.append(reducer.launched_in_backward)
         zero()
     lin = nn.Linear(3, 3)
@@ -113,7 +122,14 @@ def _reducer_check(rank: int) -> dict:
     except RuntimeError as e:
         error = str(e)
     twice.finish()
-    return {"want": want, "got": got, "buckets": len(reducer.buckets), "launched": launched, "error": error}
+    return {
+        "want": want,
+        "got": got,
+        "views": views,
+        "buckets": len(reducer.buckets),
+        "launched": launched,
+        "error": error,
+    }
 
 
 def _worker(rank: int, store_path: str, out_dir: str) -> None:
@@ -145,14 +161,16 @@ def test_grad_reducer_averages_during_backward(runs):
     results, _ = runs
     for r in results:
         red = r["reducer"]
-        for step in range(2):
+        for step in range(3):
             got, want = red["got"][step], red["want"][step]
             assert len(got) == 6 and got[-1] is None and (got[-2] is None) == (step == 0)
             for g, w in zip(got, want):
                 assert (g is None and w is None) or (g.dtype == w.dtype and torch.equal(g, w)), step
+        # gradients are bucket views, except the bf16 one's first (it arrived unexpected, after its bucket)
+        assert red["views"] == [[True] * 4 + [False] * 2, [True] * 4 + [False] * 2, [True] * 5 + [False]]
         assert red["buckets"] >= 4
-        # the first backward waits for the parameter without gradient; the second sends during the backward
-        assert red["launched"] == [0, red["buckets"]]
+        # the first backward waits for the parameter without gradient; the others send during the backward
+        assert red["launched"] == [0, red["buckets"], red["buckets"]]
         assert "accumulated after it was sent" in red["error"]
 
 
