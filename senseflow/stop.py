@@ -50,11 +50,17 @@ class StopRequest:
     entered inside another one starts with the signal the outer one already caught (a signal during
     model building stops the training loop after its first iteration). Installing outside the main
     thread is a no-op (Python delivers signals to the main thread only): the flag then stays unset.
+    ``action`` says in the log what the signal now does.
     """
 
-    def __init__(self, on_signal: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_signal: Callable[[int], None] | None = None,
+        action: str = "stopping after the iteration in flight, with a checkpoint",
+    ) -> None:
         self.signum: int | None = None
         self.on_signal = on_signal
+        self.action = action
         self._previous: dict[int, object] = {}
 
     @property
@@ -66,10 +72,7 @@ class StopRequest:
             logger.warning("%s again: already stopping", signal.Signals(signum).name)
             return
         self.signum = signum
-        logger.warning(
-            "%s received: stopping after the iteration in flight, with a checkpoint",
-            signal.Signals(signum).name,
-        )
+        logger.warning("%s received: %s", signal.Signals(signum).name, self.action)
         if self.on_signal is not None:
             self.on_signal(signum)
 

@@ -1,11 +1,15 @@
-"""The toy benchmark (issue 9): the ``ci`` preset end to end through the CLI, stage caching, the evaluation
-networks against shuffled labels, and the Frechet distance."""
+"""The toy benchmark (issue 9): the ``ci`` preset end to end through the CLI, stage caching, the stages that
+need only the data in a child process, the evaluation networks against shuffled labels, the Frechet
+distance, and the teacher's compiled blocks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +17,10 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
+from senseflow.errors import SenseFlowError
+from senseflow.toy.__main__ import build_preset, parse_args
 from senseflow.toy.data import make_split
 from senseflow.toy.evalnets import (
     classifier_accuracy,
@@ -23,8 +30,18 @@ from senseflow.toy.evalnets import (
     train_cell_classifier,
     train_feature_net,
 )
-from senseflow.toy.pipeline import methods
-from senseflow.toy.presets import PRESETS, RESOLUTION
+from senseflow.toy.pipeline import (
+    SHARED_STAGES,
+    SIDE_STAGES,
+    methods,
+    reuse_stages,
+    run,
+    stage_backbones,
+    stage_classifiers,
+    stage_featnet,
+)
+from senseflow.toy.presets import BACKBONE_FIELDS, DISTILL_FIELDS, PRESETS, RESOLUTION
+from senseflow.toy.stages import read_done, write_json_atomic
 
 from .conftest import REPO, run_cmd
 
@@ -205,3 +222,166 @@ def test_cli_ci_preset_and_rerun(tiny_cache, tmp_path):
         assert 10 <= step < 400, (v, step)
         assert not (stopped / "distill" / v / ".done.json").exists()
     assert not (stopped / "distill" / "senseflow" / "metrics.jsonl").exists()  # queued, never started
+
+
+@contextlib.contextmanager
+def log_to(path):
+    """INFO lines of this process appended to ``path`` (as the CLI's ``toy.log``; a child process of the run
+    appends its own there)."""
+    root = logging.getLogger()
+    handler, level = logging.FileHandler(path), root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+@pytest.fixture(scope="module")
+def parallel_run(tiny_cache, tmp_path_factory):
+    """The ci preset through ``run`` with the stages that need only the data in a child process (forced on
+    the CPU); returns the output folder and the report."""
+    out = tmp_path_factory.mktemp("toy_parallel")
+    with log_to(out / "toy.log"):
+        report = run(out, CI, torch.device("cpu"), "test", parallel_stages=True)
+    return out, report
+
+
+def _flat(record: dict, prefix: str = "") -> dict:
+    """A nested record as one level of ``a.b`` keys."""
+    out = {}
+    for k, v in record.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _without_timing(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("stage", "seconds", "finished")}
+
+
+def test_parallel_stages_match_the_sequential_ones_and_rerun(parallel_run, tmp_path):
+    out, report = parallel_run
+    log = (out / "toy.log").read_text()
+    for name in SIDE_STAGES:  # in the child, its lines tagged
+        assert f"[side] senseflow.toy.stages: stage {name}: done" in log, name
+    assert "[side] senseflow.toy.stages: stage vae" not in log
+    assert "[side] senseflow.toy.stages: stage teacher" not in log
+    # the child's records reach the report as if run here, and equal what this process computes
+    cpu = torch.device("cpu")
+    for name, fn in (
+        ("featnet", stage_featnet),
+        ("classifiers", stage_classifiers),
+        ("backbones", stage_backbones),
+    ):
+        record = report["setup"][name]
+        assert record["stage"] == name and record["seconds"] > 0, record
+        (tmp_path / name).mkdir()
+        here = fn(tmp_path / name, out, CI, cpu)
+        if name == "backbones":  # the CLIP path names the folder; the losses differ in rounding (threads)
+            record, here = _flat(record["dino"]), _flat(here["dino"])
+            assert record == pytest.approx(here, rel=1e-4), name
+        else:
+            assert _without_timing(record) == here, name
+    # one table row per stage, in the sequential order; stages side by side count once in the wall time
+    md = (out / "report" / "report.md").read_text()
+    table = [
+        line for line in md.split("## Stage times")[1].split("\n\n#")[0].splitlines() if line.startswith("|")
+    ]
+    rows = [line.split("|")[1].strip() for line in table[2:]]  # after the header and its rule
+    assert rows[:8] == [*SHARED_STAGES, "distill", "eval"], rows
+    assert set(report["stage_seconds"]) == {*SHARED_STAGES, "distill", "eval"}
+    assert report["total_stage_seconds"] - report["wall_stage_seconds"] > 2, report
+    assert report["wall_stage_seconds"] <= report["seconds_this_invocation"] + 2, report
+    assert f"{report['wall_stage_seconds'] / 60:.1f} min of wall-clock time" in md
+
+    # a rerun skips every stage, and starts no child
+    size = (out / "toy.log").stat().st_size
+    with log_to(out / "toy.log"):
+        again = run(out, CI, cpu, "test", parallel_stages=True)
+    rerun = (out / "toy.log").read_text()[size:]
+    for stage in STAGES:
+        assert f"stage {stage}: skipped" in rerun, stage
+    assert ": running" not in rerun and "[side]" not in rerun, rerun
+    assert again["table"] == report["table"]
+
+
+def test_parallel_stage_failure_names_the_stage(parallel_run, tmp_path):
+    src, _ = parallel_run
+    out = tmp_path / "toy"
+    keep = {"preset.json", "data", "backbones", "vae", "teacher"}
+    shutil.copytree(src, out, ignore=lambda d, names: [n for n in names if d == str(src) and n not in keep])
+    (out / "featnet").write_text("a file where the stage's folder goes")
+    with log_to(out / "toy.log"):
+        with pytest.raises(RuntimeError, match=r"stage featnet failed in the child process") as err:
+            run(out, CI, torch.device("cpu"), "test", parallel_stages=True)
+    assert f"tagged [side] in {out / 'toy.log'}" in str(err.value)
+    assert "FileExistsError" in str(err.value)
+    log = (out / "toy.log").read_text()
+    assert "[side] senseflow.toy.pipeline: stage featnet failed" in log and "FileExistsError" in log
+    assert read_done(out / "classifiers") is None and not (out / "distill").exists()
+
+
+def test_distill_batch_option(tmp_path):
+    args = parse_args(["--preset", "ci", "--distill-batch", "6"])
+    preset = build_preset(args, "ci")
+    assert preset.distill_batch == 6 and preset.distill_iters == CI.distill_iters
+    assert build_preset(parse_args([]), "ci").distill_batch == CI.distill_batch
+    for bad in ("0", "-2"):
+        with pytest.raises(SenseFlowError, match="--distill-batch: must be >= 1"):
+            build_preset(parse_args(["--distill-batch", bad]), "ci")
+    with pytest.raises(SystemExit):  # not an integer
+        parse_args(["--distill-batch", "1.5"])
+    # a batch sweep reuses every stage before distillation
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "preset.json").write_text(json.dumps(CI.to_dict()))
+    for name in SHARED_STAGES:
+        write_json_atomic(src / name / ".done.json", {"seconds": 1.0})
+    assert reuse_stages(src, tmp_path / "batch", preset) == list(SHARED_STAGES)
+
+
+def test_teacher_compiles_the_trained_blocks_not_the_ema():
+    from diffusers import SD3Transformer2DModel
+
+    from senseflow.toy.teacher import trainee_and_ema, transformer_config
+
+    assert PRESETS["gpu"].teacher_compile and not CI.teacher_compile
+    assert "teacher_compile" not in (*DISTILL_FIELDS, *BACKBONE_FIELDS)  # it changes the teacher
+    torch.manual_seed(0)
+    net = SD3Transformer2DModel(**transformer_config(CI))
+    keys = list(net.state_dict())
+    net, ema = trainee_and_ema(net, lambda n: list(n.transformer_blocks))  # compiled lazily: no cost here
+    assert all(b._compiled_call_impl is not None for b in net.transformer_blocks)
+    assert all(b._compiled_call_impl is None for b in ema.modules())
+    assert list(ema.state_dict()) == keys == list(net.state_dict())
+    assert not ema.training and not any(p.requires_grad for p in ema.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ema.state_dict().values()))
+    eager, eager_ema = trainee_and_ema(SD3Transformer2DModel(**transformer_config(CI)))
+    assert all(m._compiled_call_impl is None for m in (*eager.modules(), *eager_ema.modules()))
+
+
+def test_spawned_jobs_end_with_their_parent():
+    from senseflow.stop import TrainingStopped
+    from senseflow.toy.children import SpawnedJobs
+
+    t0 = time.time()
+    with pytest.raises(ZeroDivisionError), SpawnedJobs(1) as jobs:  # a failure here stops the children
+        jobs.submit("sleep", time.sleep, 60)
+        _ = 1 / 0
+    with SpawnedJobs(1) as jobs:
+        jobs.submit("fail", math.sqrt, -1.0)
+        outcome = jobs.wait()
+    assert isinstance(outcome["fail"], ValueError), outcome
+    # a stop signal is passed on and, with ``interrupt``, stops this process at once
+    with (
+        pytest.raises(TrainingStopped, match="stop here"),
+        SpawnedJobs(1, interrupt=lambda signum: TrainingStopped("stop here", signum)) as jobs,
+    ):
+        jobs.submit("sleep", time.sleep, 60)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+    assert jobs.stop.signum == signal.SIGTERM
+    assert time.time() - t0 < 40

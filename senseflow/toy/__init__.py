@@ -14,7 +14,8 @@
 4. ``teacher``: a ``stable-diffusion-3`` diffusers folder (CLIP-L, CLIP-G and T5 text encoders that are
    random but fixed, the VAE above, the shifted flow-matching scheduler, an MMDiT transformer sized by
    the preset) whose transformer is trained here with rectified flow, logit-normal noise levels and 10 %
-   caption dropout, so that it supports classifier-free guidance.
+   caption dropout, so that it supports classifier-free guidance (on CUDA with a fused AdamW, and with
+   its blocks compiled where the preset says ``teacher_compile``, as ``gpu`` does).
 5. ``featnet`` / ``classifiers``: the evaluation networks, trained here on real images: a CNN whose
    bottleneck is the feature space of the Frechet distance, and a per-cell classifier (colour, shape,
    size or empty) for attribute accuracy in the spirit of T2I-CompBench's colour/shape/spatial columns.
@@ -25,4 +26,12 @@
 8. ``report``: ``report.md``, ``report.json``, ``metrics_plot.png`` and the grids.
 
 Every stage writes ``<stage dir>/.done.json`` atomically when it finishes; a rerun skips finished stages.
+
+``backbones``, ``featnet`` and ``classifiers`` need only the data: on CUDA they run in one spawned child
+process (log lines tagged ``[side]``, in ``toy.log`` too) while the parent trains the VAE and the teacher,
+and distillation starts when both are done (``run(parallel_stages=...)``; on a CPU they run in the order
+above, as the processes would only share its cores). The report's wall-clock time counts stages that ran
+side by side once. A stop signal (SIGTERM, SIGUSR1) before distillation stops both processes at once with
+exit code 128 + its number; during distillation the variants stop with a checkpoint. The same command
+then finishes what is left.
 """

@@ -6,11 +6,13 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..stop import TrainingStopped
 from .data import images_to_tensor, load_split, make_split, save_split, write_engine_dataset
 from .distill import VARIANTS, checkpoints, run_variant
 from .presets import RESOLUTION, Preset
@@ -242,15 +244,9 @@ def _distill_job(out: Path, preset: Preset, name: str, device: str) -> None:
     """One variant in a child process (spawned: CUDA cannot be forked)."""
     from ..distributed import cleanup, init_distributed
     from ..stop import StopRequest
+    from .children import child_setup
 
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s", force=True
-    )
-    # Inductor's compile workers are processes of this process group: a SIGTERM to the group (``timeout``)
-    # would kill them under a compilation in flight, which then never ends. Compile in this process.
-    import torch._inductor.config
-
-    torch._inductor.config.compile_threads = 1
+    child_setup(name)
     info = init_distributed(device)
     try:
         with StopRequest():  # a signal before the training loop starts stops it after one iteration
@@ -268,45 +264,26 @@ def run_variants_parallel(
 
     A stop signal (SIGTERM, SIGUSR1) is passed on to the variants, which checkpoint and stop; this then
     raises :class:`~senseflow.stop.TrainingStopped` once they have (a rerun resumes them)."""
-    import multiprocessing
-    import os
-    from concurrent.futures import ProcessPoolExecutor
+    from ..stop import ignore_stop_signals
+    from .children import SpawnedJobs
 
-    from ..stop import StopRequest, TrainingStopped, ignore_stop_signals
-
-    logger.info("distilling %s in %d parallel processes", ", ".join(names), min(jobs, len(names)))
-    ctx = multiprocessing.get_context("spawn")
+    workers = min(jobs, len(names))
+    logger.info("distilling %s in %d parallel processes", ", ".join(names), workers)
     # idle workers ignore stop signals (a dead worker breaks the pool under the variants still running)
-    with ProcessPoolExecutor(min(jobs, len(names)), mp_context=ctx, initializer=ignore_stop_signals) as pool:
-        futures = {}
-
-        def forward(signum: int) -> None:  # to the running variants; the queued ones do not start
-            for fut in futures.values():
-                fut.cancel()
-            for pid in list(getattr(pool, "_processes", None) or {}):
-                try:
-                    os.kill(pid, signum)
-                except ProcessLookupError:
-                    pass
-
-        with StopRequest(on_signal=forward) as stop:
-            futures.update(
-                {name: pool.submit(_distill_job, out, preset, name, device.type) for name in names}
-            )
-            failed, stopped = [], []
-            for name, fut in futures.items():
-                if fut.cancelled():
-                    continue
-                try:
-                    fut.result()
-                except TrainingStopped as err:
-                    logger.warning("distill/%s: %s", name, err)
-                    stopped.append(err.signum)
-                except Exception as err:  # noqa: BLE001 - reported with the variant's log below
-                    logger.error("distill/%s failed: %s", name, err)
-                    failed.append(name)
-    if stop.requested or stopped:
-        signum = stop.signum or stopped[0]
+    with SpawnedJobs(workers, initializer=ignore_stop_signals) as pool:
+        for name in names:
+            pool.submit(name, _distill_job, out, preset, name, device.type)
+        outcome = pool.wait()
+    failed, stopped = [], []
+    for name, err in outcome.items():
+        if isinstance(err, TrainingStopped):
+            logger.warning("distill/%s: %s", name, err)
+            stopped.append(err.signum)
+        elif err is not None:
+            logger.error("distill/%s failed: %s", name, err)
+            failed.append(name)
+    if pool.stop.requested or stopped:
+        signum = pool.stop.signum or stopped[0]
         raise TrainingStopped(
             f"distillation stopped by signal {signum}: run the same command again to resume every unfinished "
             "variant from its last checkpoint",
@@ -317,9 +294,115 @@ def run_variants_parallel(
         raise RuntimeError(f"distillation failed for {', '.join(failed)} (see {logs})")
 
 
-# --- the whole run --------------------------------------------------------------------------------------
-
 SHARED_STAGES = ("data", "backbones", "vae", "teacher", "featnet", "classifiers")
+"""The stages before distillation, in their sequential order (shared by the runs of one ``--reuse`` sweep)."""
+SIDE_STAGES = ("backbones", "featnet", "classifiers")
+"""The stages before distillation that need only the ``data`` stage (not the VAE or the teacher)."""
+SIDE_TAG = "side"
+"""The tag of the log lines of the child process that runs :data:`SIDE_STAGES` (``parallel``)."""
+
+
+def setup_stage_fns(out: Path, preset: Preset, device: torch.device) -> dict[str, Callable[[Path], dict]]:
+    """The stages before distillation (``SHARED_STAGES``, in their sequential order): name -> ``fn(d)``."""
+    return {
+        "data": lambda d: stage_data(d, preset),
+        "backbones": lambda d: stage_backbones(d, out, preset, device),
+        "vae": lambda d: stage_vae(d, out, preset, device),
+        "teacher": lambda d: stage_teacher(d, out, preset, device),
+        "featnet": lambda d: stage_featnet(d, out, preset, device),
+        "classifiers": lambda d: stage_classifiers(d, out, preset, device),
+    }
+
+
+def _side_job(
+    out: Path, preset: Preset, names: list[str], device: str, files: list[str], threads: int
+) -> None:
+    """``names`` (of :data:`SIDE_STAGES`) in a child process, beside the parent's VAE and teacher;
+    ``threads``: torch's intra-op threads (0: its default)."""
+    from ..stop import StopRequest
+    from .children import child_setup
+
+    child_setup(SIDE_TAG, files)
+    if threads:
+        torch.set_num_threads(threads)
+    fns = setup_stage_fns(out, preset, torch.device(device))
+    stages = Stages(out)
+
+    def stop(signum: int) -> None:
+        raise TrainingStopped(f"stopped by signal {signum}", signum)
+
+    # a stage cut short leaves no .done.json: the next run runs it again
+    with StopRequest(on_signal=stop, action="stopping the stage in flight"):
+        for name in names:
+            try:
+                stages.run(name, fns[name])
+            except TrainingStopped:
+                logger.warning("stage %s: stopped (a rerun runs it again)", name)
+                raise
+            except Exception:
+                logger.exception("stage %s failed", name)
+                raise
+
+
+def _stopped_before_distillation(signum: int) -> TrainingStopped:
+    return TrainingStopped(
+        f"stopped by signal {signum} before distillation: run the same command again to finish the "
+        "unfinished stages",
+        signum,
+    )
+
+
+def run_setup_stages(stages: Stages, out: Path, preset: Preset, device: torch.device, parallel: bool) -> None:
+    """Run (or skip) the stages before distillation (``SHARED_STAGES``) into ``stages``.
+
+    ``parallel``: after ``data``, :data:`SIDE_STAGES` run in one spawned child process while this one
+    trains the VAE and the teacher (on a GPU both sides are bound by the host, not by the GPU, so they
+    overlap almost for free); their records are then read from their ``.done.json`` into ``stages``, in
+    the sequential order. Their log lines are tagged ``[side]`` (stderr and this process's log files). A
+    failure there raises ``RuntimeError`` naming the stage. A stop signal (SIGTERM, SIGUSR1) stops both
+    processes at once with :class:`~senseflow.stop.TrainingStopped` (finished stages stay finished)."""
+    from .children import SpawnedJobs, log_files
+
+    fns = setup_stage_fns(out, preset, device)
+    stages.run("data", fns["data"])
+    side = [name for name in SIDE_STAGES if read_done(out / name) is None] if parallel else []
+    if not side:
+        for name in SHARED_STAGES[1:]:
+            stages.run(name, fns[name])
+        return
+    for name in SIDE_STAGES:
+        if name not in side:
+            stages.run(name, fns[name])  # finished: skipped
+    files = log_files()
+    logger.info("running %s in a child process (log lines tagged [%s])", ", ".join(side), SIDE_TAG)
+    # on a CPU the two processes split its cores (each with all of them: both ran ~10x slower in the tests)
+    threads = torch.get_num_threads()
+    child_threads = max(threads // 2, 1) if device.type == "cpu" else 0
+    try:
+        torch.set_num_threads(max(threads - child_threads, 1))
+        with SpawnedJobs(1, interrupt=_stopped_before_distillation) as child:
+            child.submit(SIDE_TAG, _side_job, out, preset, side, device.type, files, child_threads)
+            for name in ("vae", "teacher"):
+                stages.run(name, fns[name])
+            err = child.wait()[SIDE_TAG]
+    finally:
+        torch.set_num_threads(threads)
+    if isinstance(err, TrainingStopped):  # a signal to the child alone
+        raise _stopped_before_distillation(err.signum)
+    if err is not None:
+        failed = next((name for name in side if read_done(out / name) is None), None)
+        raise RuntimeError(
+            f"{f'stage {failed}' if failed else 'the child process'} failed in the child process of "
+            f"{', '.join(side)}: {type(err).__name__}: {err} (see the lines tagged [{SIDE_TAG}] in "
+            f"{', '.join(files) or 'stderr'})"
+        ) from err
+    for name in side:
+        stages.adopt(name)
+    # the sequential order (the report's stage table)
+    stages.records = {**{name: stages.records[name] for name in SHARED_STAGES}, **stages.records}
+
+
+# --- the whole run --------------------------------------------------------------------------------------
 
 
 def reuse_stages(src: Path, out: Path, preset: Preset) -> list[str]:
@@ -374,11 +457,14 @@ def run(
     command: str = "",
     jobs: int = 1,
     reuse: Path | None = None,
+    parallel_stages: bool | None = None,
 ) -> dict:
     """Run (or skip) every stage into ``out`` and return the report; ``jobs`` > 1 trains that many
     distillation variants at once in separate processes (on one GPU: these models are far too small to
     fill it, so the variants run side by side in about the time of one). ``reuse``: a finished run whose
-    stages before distillation are copied (:func:`reuse_stages`)."""
+    stages before distillation are copied (:func:`reuse_stages`). ``parallel_stages``: run the stages that
+    need only the data beside the VAE and the teacher, in a child process (:func:`run_setup_stages`;
+    default: on CUDA, where they overlap almost for free; on a CPU the processes would share its cores)."""
     from .report import write_report
 
     out = out.resolve()
@@ -388,12 +474,9 @@ def run(
         reuse_stages(reuse, out, preset)
     stages = Stages(out)
     t_start = time.time()
-    stages.run("data", lambda d: stage_data(d, preset))
-    stages.run("backbones", lambda d: stage_backbones(d, out, preset, device))
-    stages.run("vae", lambda d: stage_vae(d, out, preset, device))
-    stages.run("teacher", lambda d: stage_teacher(d, out, preset, device))
-    stages.run("featnet", lambda d: stage_featnet(d, out, preset, device))
-    stages.run("classifiers", lambda d: stage_classifiers(d, out, preset, device))
+    if parallel_stages is None:
+        parallel_stages = device.type == "cuda"
+    run_setup_stages(stages, out, preset, device, parallel_stages)
 
     dist_info = []
 

@@ -1,5 +1,6 @@
 """Sizes of the toy benchmark: ``ci`` (smoke test, about a minute on a CPU), ``cpu`` (real numbers on a
-2-core CPU in about 25 minutes) and ``gpu`` (the benchmark of issue 9, about 14 minutes on one H100)."""
+2-core CPU in about 25 minutes) and ``gpu`` (the benchmark of issue 9, 13.9 minutes on one H100 before its
+side stages ran beside the teacher and its teacher was compiled; not measured since)."""
 
 from __future__ import annotations
 
@@ -90,6 +91,11 @@ class Preset:
     At 8 x 8 tokens every step is bound by Python and kernel launches; on an H100 compiling took the
     full recipe from 0.56 to 0.40 s per iteration (batch 32) for about 30 s of compilation
     (``tools/toy_probe.py``)."""
+    teacher_compile: bool = False
+    """``torch.compile`` of the teacher transformer's blocks while it trains (CUDA only; the saved EMA copy
+    stays uncompiled). At 8 x 8 tokens an eager step is bound by Python and kernel launches: on an H100
+    the ``gpu`` preset spent ~130 ms per step on ~22 ms of matrix work (not yet measured compiled). It
+    changes the teacher (rounding of the fused kernels), so it is not in ``DISTILL_FIELDS``."""
     cfg_scale: float = 5.0
     """CFG scale of the teacher baselines: the mean of the recipe's DM guidance range U(2, 8)."""
     grid_prompts: int = 16
@@ -176,6 +182,7 @@ PRESETS: dict[str, Preset] = {
         distill_iters=400,
         distill_batch=32,
         distill_compile=True,
+        teacher_compile=True,
         save_interval=100,
         teacher_many_steps=50,
         eval_batch=250,

@@ -66,6 +66,14 @@ class Stages:
         self.ran.append(name)
         return record
 
+    def adopt(self, name: str) -> dict:
+        """Record stage ``name``, which another process has just run, as run here (from its ``.done.json``)."""
+        record = read_done(self.out / name)
+        assert record is not None, f"stage {name} has not finished"
+        self.records[name] = record
+        self.ran.append(name)
+        return record
+
 
 def check_preset(out: Path, preset: dict) -> None:
     """Bind the output folder to one preset: a rerun with other sizes would mix incompatible stages."""

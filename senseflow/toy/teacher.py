@@ -30,6 +30,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,8 @@ KL_WEIGHT = 1e-6
 def toy_overrides() -> list[str]:
     """Config overrides shared by training, distillation and inference of the toy teacher. No
     ``torch.compile`` here: at 8 x 8 tokens its compilation costs more than it saves on the CPU presets;
-    the distillation runs of the ``gpu`` preset turn it on (``Preset.distill_compile``)."""
+    the ``gpu`` preset turns it on for the teacher's training and the distillation runs
+    (``Preset.teacher_compile``, ``Preset.distill_compile``)."""
     return [
         f"model.t5_max_length={T5_MAX_LENGTH}",
         "model.gradient_checkpointing=false",
@@ -245,6 +247,18 @@ def encode_captions(adapter, captions: list[str], dtype: torch.dtype, chunk: int
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
+def trainee_and_ema(net, compile_blocks: Callable | None = None) -> tuple:
+    """The transformer to train and its EMA copy (frozen, eval mode). ``compile_blocks(net)``: the blocks
+    to ``torch.compile`` in the trained one; the copy is taken first, so the EMA (the saved weights) stays
+    an eager module with the diffusers state-dict keys."""
+    from ..parallel import compile_modules
+
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    if compile_blocks is not None:
+        compile_modules(compile_blocks(net))
+    return net, ema
+
+
 def train_teacher(
     folder: Path,
     means: torch.Tensor,
@@ -264,12 +278,22 @@ def train_teacher(
 
     _, adapter = build_inference(BASE_CONFIG, folder, device, torch.float32, toy_overrides())
     schedule = adapter.schedule
-    net = SD3Transformer2DModel.from_pretrained(folder / "transformer").to(device).train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    cuda = device.type == "cuda"
+    compiled = preset.teacher_compile and cuda
+    net, ema = trainee_and_ema(
+        SD3Transformer2DModel.from_pretrained(folder / "transformer").to(device).train(),
+        adapter.blocks if compiled else None,
+    )
     n_params = count_parameters(net)
-    logger.info("teacher transformer: %.2fM parameters (%s)", n_params / 1e6, preset.params_label)
+    logger.info(
+        "teacher transformer: %.2fM parameters (%s)%s",
+        n_params / 1e6,
+        preset.params_label,
+        ", blocks compiled" if compiled else "",
+    )
     net_params, ema_params = list(net.parameters()), list(ema.parameters())
-    opt = torch.optim.AdamW(net_params, lr=preset.teacher_lr, weight_decay=0.0)
+    # fused: one kernel for every parameter's update (the step is bound by launches, Preset.teacher_compile)
+    opt = torch.optim.AdamW(net_params, lr=preset.teacher_lr, weight_decay=0.0, fused=True if cuda else None)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: _lr_factor(s, preset.teacher_steps, preset.teacher_warmup)
     )

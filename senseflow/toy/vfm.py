@@ -123,7 +123,9 @@ def pretrain(
     masked-patch L1 before and after, next to the zero prediction's."""
     from .evalnets import train_loop
 
-    model = MaskedImageModel(dino).to(device)
+    with torch.random.fork_rng(devices=[]):  # the decoder's initialisation, whichever process runs the stage
+        torch.manual_seed(seed + 1)
+        model = MaskedImageModel(dino).to(device)
     ratio = preset.vfm_mask_ratio
     before = masked_loss(model, heldout, ratio, seed, device)
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
