@@ -385,3 +385,14 @@ def test_spawned_jobs_end_with_their_parent():
         time.sleep(60)
     assert jobs.stop.signum == signal.SIGTERM
     assert time.time() - t0 < 40
+
+
+def test_gpu_estimate_counts_the_parallel_stages_once():
+    from senseflow.toy.estimate import estimate_seconds
+
+    est = estimate_seconds(PRESETS["gpu"])
+    stages = {k: v for k, v in est.items() if k not in ("total", "wall")}
+    assert est["total"] == pytest.approx(sum(stages.values()))
+    side = est["backbones"] + est["featnet"] + est["classifiers"]
+    assert est["wall"] == pytest.approx(est["total"] - min(side, est["vae"] + est["teacher"]))
+    assert 0 < est["wall"] < est["total"]

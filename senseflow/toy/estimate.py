@@ -138,14 +138,18 @@ def stage_work(preset: Preset) -> dict[str, dict[str, float]]:
 def estimate_seconds(
     preset: Preset, tflops: float = H100_TFLOPS, overhead: dict[str, float] | None = None
 ) -> dict[str, float]:
-    """Estimated seconds per stage (and ``total``) on a GPU with the given sustained throughput."""
+    """Estimated seconds per stage, their ``total``, and ``wall``: the total less the shorter of the two
+    sides that run at once on a GPU (the stages that need only the data beside the VAE and teacher,
+    :func:`senseflow.toy.pipeline.run_setup_stages`), on a GPU with the given sustained throughput."""
     overhead = overhead or OVERHEAD_S
     out = {}
     for stage, work in stage_work(preset).items():
         s = work.get("cpu_s", 0.0) + work.get("flops", 0.0) / (tflops * 1e12)
         s += sum(overhead[k] * v for k, v in work.items() if k in overhead)
         out[stage] = s
-    out["total"] = sum(out.values())
+    total = sum(out.values())
+    side = min(out["backbones"] + out["featnet"] + out["classifiers"], out["vae"] + out["teacher"])
+    out["total"], out["wall"] = total, total - side
     return out
 
 

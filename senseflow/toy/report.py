@@ -357,7 +357,8 @@ def _markdown(report: dict, preset: Preset, table: dict, results: dict, curve: d
             "",
             f"Counted FLOPs per stage at an assumed {est['assumed_tflops']:g} TFLOP/s sustained (bf16) plus a fixed "
             f"cost per step ({', '.join(f'{k} {1000 * x:.0f} ms' for k, x in est['assumed_overheads_s'].items())}); "
-            "see `senseflow/toy/estimate.py`.",
+            "see `senseflow/toy/estimate.py`. `total` adds the stages up; `wall` counts the stages that need only "
+            "the data (backbones, featnet, classifiers) beside the VAE and teacher, as they run on a GPU.",
             "",
             _md_table(["Stage", "Estimated seconds"], [[k, f"{x:.0f}"] for k, x in est["seconds"].items()]),
             "",
