@@ -162,6 +162,7 @@ def test_cli_ci_preset_and_rerun(tiny_cache, tmp_path):
     assert "| Method |" in r.stdout  # the CLI prints the table
     assert "in 2 parallel processes" in r.stderr  # the variants were trained side by side
     assert "[senseflow] senseflow.engine" in r.stderr
+    assert "[senseflow] senseflow.engine" in (out / "toy.log").read_text()  # the variants log there too
 
     # a second run finds every stage finished
     t0 = time.time()

@@ -240,13 +240,14 @@ def stage_eval(d: Path, method: str, out: Path, preset: Preset, get_ctx) -> dict
     return record
 
 
-def _distill_job(out: Path, preset: Preset, name: str, device: str) -> None:
-    """One variant in a child process (spawned: CUDA cannot be forked)."""
+def _distill_job(out: Path, preset: Preset, name: str, device: str, files: list[str]) -> None:
+    """One variant in a child process (spawned: CUDA cannot be forked); its log lines, tagged with its
+    name, also go to ``files`` (the parent's ``toy.log``)."""
     from ..distributed import cleanup, init_distributed
     from ..stop import StopRequest
     from .children import child_setup
 
-    child_setup(name)
+    child_setup(name, files)
     info = init_distributed(device)
     try:
         with StopRequest():  # a signal before the training loop starts stops it after one iteration
@@ -265,14 +266,14 @@ def run_variants_parallel(
     A stop signal (SIGTERM, SIGUSR1) is passed on to the variants, which checkpoint and stop; this then
     raises :class:`~senseflow.stop.TrainingStopped` once they have (a rerun resumes them)."""
     from ..stop import ignore_stop_signals
-    from .children import SpawnedJobs
+    from .children import SpawnedJobs, log_files
 
     workers = min(jobs, len(names))
     logger.info("distilling %s in %d parallel processes", ", ".join(names), workers)
     # idle workers ignore stop signals (a dead worker breaks the pool under the variants still running)
     with SpawnedJobs(workers, initializer=ignore_stop_signals) as pool:
         for name in names:
-            pool.submit(name, _distill_job, out, preset, name, device.type)
+            pool.submit(name, _distill_job, out, preset, name, device.type, log_files())
         outcome = pool.wait()
     failed, stopped = [], []
     for name, err in outcome.items():
