@@ -335,6 +335,9 @@ def test_distill_batch_option(tmp_path):
             build_preset(parse_args(["--distill-batch", bad]), "ci")
     with pytest.raises(SystemExit):  # not an integer
         parse_args(["--distill-batch", "1.5"])
+    assert build_preset(parse_args(["--distill-warmup", "0"]), "ci").distill_warmup == 0
+    with pytest.raises(SenseFlowError, match="--distill-warmup: must be >= 0"):
+        build_preset(parse_args(["--distill-warmup", "-1"]), "ci")
     # a batch sweep reuses every stage before distillation
     src = tmp_path / "src"
     src.mkdir()

@@ -57,6 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "needs a new --out (--reuse works: the stages before distillation do not depend on it)",
     )
     p.add_argument(
+        "--distill-warmup",
+        type=int,
+        default=None,
+        help="iterations of every variant's linear learning-rate warm-up (from a tenth of the rate) instead of "
+        "the preset's; a changed preset needs a new --out (--reuse works)",
+    )
+    p.add_argument(
         "--vfm-steps",
         type=int,
         default=None,
@@ -68,8 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="a finished run's --out: copy its stages before distillation (data, teacher, evaluation "
         "networks, teacher baselines) when its preset differs at most in the distillation settings "
-        "(for sweeps of --distill-iters / --distill-lr / --distill-batch / --vfm-steps; the backbone is rebuilt "
-        "when it differs)",
+        "(for sweeps of --distill-iters / --distill-lr / --distill-batch / --distill-warmup / --vfm-steps; the "
+        "backbone is rebuilt when it differs)",
     )
     p.add_argument(
         "--jobs",
@@ -97,6 +104,10 @@ def build_preset(args: argparse.Namespace, name: str) -> Preset:
         if args.distill_batch < 1:
             raise SenseFlowError("--distill-batch: must be >= 1")
         preset = dataclasses.replace(preset, distill_batch=args.distill_batch)
+    if args.distill_warmup is not None:
+        if args.distill_warmup < 0:
+            raise SenseFlowError("--distill-warmup: must be >= 0")
+        preset = dataclasses.replace(preset, distill_warmup=args.distill_warmup)
     if args.vfm_steps is not None:
         if args.vfm_steps < 0:
             raise SenseFlowError("--vfm-steps: must be >= 0")
