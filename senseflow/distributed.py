@@ -145,7 +145,8 @@ class GradReducer:
         self.layout: list[list[tuple]] = []  # per bucket: each parameter's (shape, strides, offset) in it
         for bucket in self.buckets:
             offsets = itertools.accumulate((p.numel() for p in bucket), initial=0)
-            self.layout.append([(p.shape, contiguous_strides(p.shape), o) for p, o in zip(bucket, offsets)])
+            strides = [torch.empty(p.shape, device="meta").stride() for p in bucket]  # contiguous ones
+            self.layout.append(list(zip((p.shape for p in bucket), strides, offsets)))
         self.expected = {id(p) for p in self.params}
         self.active = self.armed = False
         self.launched_in_backward = 0  # buckets started before :meth:`finish` in the last step
@@ -251,15 +252,6 @@ class GradReducer:
         self.expected = self.armed_seen
         self.works, self.flats = [], []
         self.active = self.armed = False
-
-
-def contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
-    """Strides of a contiguous tensor of ``shape``."""
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
 
 
 def cleanup() -> None:

@@ -87,6 +87,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+REPLACEMENTS = (
+    ("distill_lr", lambda v: v > 0, "must be positive"),
+    ("distill_batch", lambda v: v >= 1, "must be >= 1"),
+    ("distill_warmup", lambda v: v >= 0, "must be >= 0"),
+    ("vfm_steps", lambda v: v >= 0, "must be >= 0"),
+)
+"""Options that replace the preset field of their name: (field, whether a value is valid, the rule)."""
+
+
 def build_preset(args: argparse.Namespace, name: str) -> Preset:
     """The preset ``name`` with the command line's replacements; ``SenseFlowError`` names a bad option."""
     preset = get_preset(name)
@@ -96,22 +105,12 @@ def build_preset(args: argparse.Namespace, name: str) -> Preset:
         preset = dataclasses.replace(
             preset, distill_iters=args.distill_iters, save_interval=args.distill_iters // 4
         )
-    if args.distill_lr is not None:
-        if not args.distill_lr > 0:
-            raise SenseFlowError("--distill-lr: must be positive")
-        preset = dataclasses.replace(preset, distill_lr=args.distill_lr)
-    if args.distill_batch is not None:
-        if args.distill_batch < 1:
-            raise SenseFlowError("--distill-batch: must be >= 1")
-        preset = dataclasses.replace(preset, distill_batch=args.distill_batch)
-    if args.distill_warmup is not None:
-        if args.distill_warmup < 0:
-            raise SenseFlowError("--distill-warmup: must be >= 0")
-        preset = dataclasses.replace(preset, distill_warmup=args.distill_warmup)
-    if args.vfm_steps is not None:
-        if args.vfm_steps < 0:
-            raise SenseFlowError("--vfm-steps: must be >= 0")
-        preset = dataclasses.replace(preset, vfm_steps=args.vfm_steps)
+    for field, valid, rule in REPLACEMENTS:
+        value = getattr(args, field)
+        if value is not None:
+            if not valid(value):
+                raise SenseFlowError(f"--{field.replace('_', '-')}: {rule}")
+            preset = dataclasses.replace(preset, **{field: value})
     return preset
 
 
