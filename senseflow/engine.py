@@ -59,7 +59,7 @@ from .parallel import DTYPE, full_state_dict, keep_gathered, local_tensor, resha
 from .profiling import PhaseTimer
 from .sampling import sample_x0
 from .schedules import sample_table_index
-from .stop import StopRequest, TrainingStopped
+from .stop import StopNow, StopRequest, TrainingStopped
 
 logger = logging.getLogger(__name__)
 
@@ -937,6 +937,20 @@ class Engine:
             signum,
         )
 
+    def _stopped_unsaved(self, signum: int) -> TrainingStopped:
+        """The error of a stop while the state in memory is the one on disk (nothing new to save)."""
+        k = self.iteration
+        return TrainingStopped(
+            f"stopped by signal {signum} in iteration {k + 1} of {self.cfg.train.iter_num}, with nothing new "
+            + (
+                "to save (no iteration done yet): run the same command again to start"
+                if k == 0
+                else f"to save (the checkpoint of iteration {k} holds this state): run the same command "
+                "again to resume"
+            ),
+            signum,
+        )
+
     def _offload_states(self) -> None:
         for t in self._trainees().values():
             if t.offload is not None:
@@ -964,14 +978,24 @@ class Engine:
                 stack.callback(bar.close)
             stop = stack.enter_context(StopRequest())
             t_last, k_logged = time.time(), self.iteration
+            on_disk = self.iteration  # the iteration whose state is the newest on disk (or the start's)
             loader = iter(self.loader)
             while self.iteration < cfg.train.iter_num:
                 k = self.iteration + 1
-                batch = next(loader)
-                self.counters["skipped_images"] += int(batch["skipped"].sum())
-                if trace is not None:
-                    trace.write(json.dumps({"iter": k, "keys": list(batch["key"])}) + "\n")
-                metrics = self.run_iteration(k, batch)
+                try:
+                    if self.iteration == on_disk:
+                        # nothing new to save: a signal stops at once (e.g. in the first compilation)
+                        if stop.requested:  # caught before training (by an enclosing StopRequest)
+                            raise StopNow(stop.signum)
+                        stop.immediate = True
+                    batch = next(loader)
+                    self.counters["skipped_images"] += int(batch["skipped"].sum())
+                    if trace is not None:
+                        trace.write(json.dumps({"iter": k, "keys": list(batch["key"])}) + "\n")
+                    metrics = self.run_iteration(k, batch)
+                    stop.immediate = False  # iteration k is not on disk yet
+                except StopNow as now:
+                    raise self._stopped_unsaved(now.signum) from None
                 self.iteration = k
                 self.metrics.add(metrics)
                 signum = self._agreed_stop(stop, k)
@@ -992,6 +1016,7 @@ class Engine:
                 saved = cfg.checkpoint.enabled and (k % cfg.train.save_interval == 0 or last)
                 if saved:
                     self.save_checkpoint()
+                    on_disk = k
                 if signum and not last:
                     self._stop(signum, saved)
         logger.info("training finished at iteration %d (%s)", self.iteration, self.save_dir)

@@ -5,7 +5,15 @@ Schedulers announce preemption with a signal before they kill (Slurm: SIGTERM, o
 flag that :meth:`senseflow.engine.Engine.train` reads between iterations; the engine then saves and
 raises :class:`TrainingStopped`, and running the same command again resumes from that checkpoint, so a
 preemption costs no iterations. A second signal changes nothing (the save is under way); SIGKILL still
-kills at once, losing at most one save interval as before.
+kills at once, losing at most one save interval as before. While the state in memory is the one on disk
+(before the first iteration after a start, a resume or a checkpoint), the engine sets
+:attr:`StopRequest.immediate`: a signal then raises :class:`StopNow` at once, wherever the process is
+(e.g. in a ``torch.compile`` of the first iteration that takes minutes), since finishing the iteration
+would add nothing that a checkpoint keeps.
+
+The handler does not log itself: a signal that lands while this process writes a log line (two signals
+at once, e.g. ``timeout``'s to the process group and a parent's passed on) would make the logging module
+re-enter the stream's write. A short-lived thread logs instead.
 
 Under ``torchrun`` the ranks agree on the stop at the next iteration divisible by ``train.log_interval``
 (one all-reduce of a flag, where the metrics synchronise anyway); a single process stops after the
@@ -43,38 +51,67 @@ class TrainingStopped(SenseFlowError):
         return 128 + self.signum
 
 
+class StopNow(BaseException):
+    """Raised by the signal handler of a :class:`StopRequest` with ``immediate`` set, wherever the main
+    thread is. A ``BaseException`` (like ``KeyboardInterrupt``), so that libraries' ``except Exception``
+    (``torch.compile`` re-wraps those) let it through; the owner of the request turns it into its
+    :class:`TrainingStopped`."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopRequest:
     """While installed (a context manager), :data:`STOP_SIGNALS` set :attr:`signum` instead of killing.
 
     ``on_signal(signum)`` runs on the first signal (e.g. to pass it on to child processes). A request
     entered inside another one starts with the signal the outer one already caught (a signal during
-    model building stops the training loop after its first iteration). Installing outside the main
+    model building stops the training loop before its first iteration). Installing outside the main
     thread is a no-op (Python delivers signals to the main thread only): the flag then stays unset.
-    ``action`` says in the log what the signal now does.
+    ``action`` says in the log what the signal now does (``immediate_action`` while :attr:`immediate`
+    is true). While :attr:`immediate` is true (it may change
+    at any time), the first signal raises :class:`StopNow` from the handler after ``on_signal``, i.e. in
+    the main thread wherever it is.
     """
 
     def __init__(
         self,
         on_signal: Callable[[int], None] | None = None,
         action: str = "stopping after the iteration in flight, with a checkpoint",
+        immediate: bool = False,
+        immediate_action: str = "stopping now: nothing new to save since the start or the last checkpoint",
     ) -> None:
         self.signum: int | None = None
         self.on_signal = on_signal
         self.action = action
+        self.immediate = immediate
+        self.immediate_action = immediate_action
         self._previous: dict[int, object] = {}
+        self._loggers: list[threading.Thread] = []
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
+    def _log(self, message: str, *args) -> None:
+        """``logger.warning`` from another thread (safe in a signal handler; see the module docstring)."""
+        thread = threading.Thread(target=logger.warning, args=(message, *args), daemon=True)
+        thread.start()
+        self._loggers.append(thread)
+
     def _handle(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
+        name = signal.Signals(signum).name
         if self.signum is not None:
-            logger.warning("%s again: already stopping", signal.Signals(signum).name)
+            self._log("%s again: already stopping", name)
             return
         self.signum = signum
-        logger.warning("%s received: %s", signal.Signals(signum).name, self.action)
+        immediate = self.immediate
+        self._log("%s received: %s", name, self.immediate_action if immediate else self.action)
         if self.on_signal is not None:
             self.on_signal(signum)
+        if immediate:
+            raise StopNow(signum)
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -89,6 +126,9 @@ class StopRequest:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+        for thread in self._loggers:  # the signals' log lines are written before the process moves on
+            thread.join(timeout=5)
+        self._loggers.clear()
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:

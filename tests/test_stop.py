@@ -7,13 +7,14 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from senseflow.stop import StopRequest, TrainingStopped, ignore_stop_signals
+from senseflow.stop import StopNow, StopRequest, TrainingStopped, ignore_stop_signals
 
 from .conftest import REPO, free_port
 from .test_engine import _losses, _metrics, make_engine
@@ -41,6 +42,48 @@ def test_inner_stop_request_inherits_a_caught_signal():
             assert again.requested
     with StopRequest() as fresh:
         assert not fresh.requested and outer.requested
+
+
+def test_immediate_request_raises_from_the_handler_and_logs_off_the_main_thread(monkeypatch):
+    """With ``immediate`` the first signal raises StopNow where the main thread is; the handler never logs
+    in the main thread (a signal during a log write would re-enter the stream), yet the lines are
+    written by the time the request is left."""
+    import senseflow.stop as stop_module
+
+    logged = []
+
+    def warning(msg, *args):
+        logged.append((msg % args, threading.current_thread() is threading.main_thread()))
+
+    monkeypatch.setattr(stop_module.logger, "warning", warning)
+    after = []
+    with StopRequest(immediate=True, immediate_action="stopping now") as stop:
+        with pytest.raises(StopNow) as info:
+            os.kill(os.getpid(), signal.SIGTERM)
+            after.append("not reached")
+        assert info.value.signum == signal.SIGTERM and stop.signum == signal.SIGTERM
+        stop.immediate = False
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal: logged, no exception
+    assert after == []
+    assert sorted(logged) == [
+        ("SIGTERM again: already stopping", False),
+        ("SIGTERM received: stopping now", False),
+    ]
+
+
+def test_stop_now_passes_through_torch_compile():
+    """``torch.compile`` re-wraps the exceptions raised while it compiles (InternalTorchDynamoError,
+    BackendCompilerFailed): StopNow, a BaseException, must reach the engine as itself."""
+
+    def backend(gm, example_inputs):
+        os.kill(os.getpid(), signal.SIGUSR1)  # the signal lands in the middle of the compilation
+        return gm.forward
+
+    fn = torch.compile(lambda x: torch.sin(x) * 2, backend=backend)
+    with StopRequest(immediate=True):
+        with pytest.raises(StopNow):
+            fn(torch.ones(3))
+    torch._dynamo.reset()
 
 
 def test_training_stopped_pickles_with_its_signal():
@@ -172,3 +215,54 @@ def test_two_ranks_under_torchrun_stop_together_and_resume(tiny_cache, tmp_path)
     assert (save / f"ckpt_model_{stopped + 2}.pth").is_file()
     assert _metrics(save)[-1]["iter"] == stopped + 2
     assert Path(save / "checkpoints" / "latest").read_text() == f"step_{stopped + 2:08d}"
+
+
+def test_engine_stops_at_once_while_nothing_is_new_to_save(tiny_cache, tmp_path):
+    """A signal in the first iteration after a start or a resume (e.g. during a long compilation) stops
+    at once, with no checkpoint (the one on disk holds that state); later ones finish their iteration
+    and checkpoint it. The run still ends exactly as an uninterrupted one."""
+    args = ("train.iter_num=6", "train.save_interval=3", "train.log_interval=1", "distill.generator_period=2")
+    full, split = tmp_path / "full", tmp_path / "split"
+    full.mkdir()
+    split.mkdir()
+    make_engine(full, *args).train()
+
+    e = make_engine(split, *args)
+    _stop_at(e, 1, signal.SIGTERM)
+    with pytest.raises(
+        TrainingStopped, match="iteration 1 of 6.*no iteration done yet.*again to start"
+    ) as info:
+        e.train()
+    assert info.value.exit_code == 143 and e.iteration == 0
+    assert not (split / "checkpoints" / "latest").exists() and not (split / "metrics.jsonl").exists()
+
+    e = make_engine(split, *args)
+    _stop_at(e, 4, signal.SIGUSR1)  # first iteration after the checkpoint of iteration 3
+    with pytest.raises(TrainingStopped, match="iteration 4 of 6.*checkpoint of iteration 3 holds"):
+        e.train()
+    assert (split / "checkpoints" / "latest").read_text() == "step_00000003"
+    assert [r["iter"] for r in _metrics(split)] == [1, 2, 3]
+
+    e = make_engine(split, *args)
+    _stop_at(e, 5, signal.SIGTERM)  # resumed at 3: iteration 4 is done, so 5 is finished and saved
+    with pytest.raises(TrainingStopped, match="iteration 5 of 6 after writing its checkpoint"):
+        e.train()
+    assert (split / "checkpoints" / "latest").read_text() == "step_00000005"
+
+    e = make_engine(split, *args)
+    e.train()
+    assert [r["iter"] for r in _metrics(split)] == [1, 2, 3, 4, 5, 6]
+    ga = torch.load(full / "ckpt_model_6.pth", weights_only=True)["model"]
+    gb = torch.load(split / "ckpt_model_6.pth", weights_only=True)["model"]
+    assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
+
+
+def test_signal_while_the_models_are_built_stops_before_the_first_iteration(tiny_cache, tmp_path):
+    ran = []
+    with StopRequest():  # as the toy benchmark's variants: the signal lands before Engine.train
+        e = make_engine(tmp_path, "train.iter_num=3")
+        os.kill(os.getpid(), signal.SIGTERM)
+        e.run_iteration = lambda k, batch: ran.append(k)
+        with pytest.raises(TrainingStopped, match="iteration 1 of 3.*no iteration done yet"):
+            e.train()
+    assert ran == []

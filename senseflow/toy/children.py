@@ -15,7 +15,7 @@ import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 
-from ..stop import StopRequest
+from ..stop import StopNow, StopRequest
 
 LOG_FORMAT = "%(asctime)s %(levelname)s [{tag}] %(name)s: %(message)s"
 """The format of a child's log lines: the parent's (``senseflow.metrics.setup_logging``) tagged with the job."""
@@ -47,8 +47,9 @@ class SpawnedJobs:
 
     While it is open, a stop signal (SIGTERM, SIGUSR1) to this process cancels the queued jobs and is
     passed on to the running ones; :attr:`stop` records it. With ``interrupt``, this process then also
-    raises ``interrupt(signum)`` at once, wherever it is (a :class:`~senseflow.stop.TrainingStopped`):
-    for a parent that keeps working while its jobs run. Leaving the block with an exception passes
+    stops at once, wherever it is (:class:`~senseflow.stop.StopNow`), and leaves the block, once its jobs
+    have ended, with ``interrupt(signum)`` (a :class:`~senseflow.stop.TrainingStopped`): for a parent
+    that keeps working while its jobs run. Leaving the block with an exception passes
     SIGTERM on to the running jobs and waits for them, so no child outlives its parent's failure.
     ``initializer`` runs in each worker before its first job.
     """
@@ -62,8 +63,13 @@ class SpawnedJobs:
         self.workers = workers
         self.initializer = initializer
         self.interrupt = interrupt
-        action = "passing it on to the child processes" + (", stopping" if interrupt else "")
-        self.stop = StopRequest(on_signal=self._on_signal, action=action)
+        action = "passing it on to the child processes"
+        self.stop = StopRequest(
+            on_signal=self._forward,
+            action=action,
+            immediate=interrupt is not None,
+            immediate_action=f"{action}, stopping",
+        )
         self._futures: dict[str, Future] = {}
         self._pool: ProcessPoolExecutor | None = None
 
@@ -91,11 +97,6 @@ class SpawnedJobs:
             except ProcessLookupError:
                 pass
 
-    def _on_signal(self, signum: int) -> None:
-        self._forward(signum)
-        if self.interrupt is not None:
-            raise self.interrupt(signum)
-
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc is not None and not self.stop.requested:
@@ -103,3 +104,5 @@ class SpawnedJobs:
             self._pool.shutdown(wait=True, cancel_futures=True)
         finally:  # a second signal while the children end is logged, not fatal
             self.stop.__exit__(exc_type, exc, tb)
+        if isinstance(exc, StopNow) and self.interrupt is not None:
+            raise self.interrupt(exc.signum) from None

@@ -250,7 +250,7 @@ def _distill_job(out: Path, preset: Preset, name: str, device: str, files: list[
     child_setup(name, files)
     info = init_distributed(device)
     try:
-        with StopRequest():  # a signal before the training loop starts stops it after one iteration
+        with StopRequest():  # a signal while the models are built stops the training loop before it starts
             Stages(out).run(
                 f"distill/{name}", lambda d: run_variant(name, preset, out, torch.device(device), info)
             )
@@ -320,7 +320,7 @@ def _side_job(
 ) -> None:
     """``names`` (of :data:`SIDE_STAGES`) in a child process, beside the parent's VAE and teacher;
     ``threads``: torch's intra-op threads (0: its default)."""
-    from ..stop import StopRequest
+    from ..stop import StopNow, StopRequest
     from .children import child_setup
 
     child_setup(SIDE_TAG, files)
@@ -328,18 +328,14 @@ def _side_job(
         torch.set_num_threads(threads)
     fns = setup_stage_fns(out, preset, torch.device(device))
     stages = Stages(out)
-
-    def stop(signum: int) -> None:
-        raise TrainingStopped(f"stopped by signal {signum}", signum)
-
     # a stage cut short leaves no .done.json: the next run runs it again
-    with StopRequest(on_signal=stop, action="stopping the stage in flight"):
+    with StopRequest(immediate=True, immediate_action="stopping the stage in flight"):
         for name in names:
             try:
                 stages.run(name, fns[name])
-            except TrainingStopped:
+            except StopNow as now:
                 logger.warning("stage %s: stopped (a rerun runs it again)", name)
-                raise
+                raise TrainingStopped(f"stopped by signal {now.signum}", now.signum) from None
             except Exception:
                 logger.exception("stage %s failed", name)
                 raise
