@@ -201,19 +201,22 @@ def test_cli_ci_preset_and_rerun(tiny_cache, tmp_path):
     )
     assert r7.returncode == 2 and "--reuse:" in r7.stderr and "only distill_iters" in r7.stderr
 
-    # SIGTERM to the CLI alone: it passes the signal on to the variants in flight, which checkpoint and
-    # stop; the queued ones do not start; the CLI exits with 128 + 15
+    # SIGTERM to the CLI's process group, as ``timeout`` sends it: the CLI passes it on to the variants in
+    # flight (in groups of their own), which checkpoint and stop; the queued ones do not start; the CLI
+    # exits with 128 + 15
     stopped = tmp_path / "toy_stop"
     env = {**os.environ, "SENSEFLOW_CACHE": str(tiny_cache)}
     stop_cmd = [*cmd[:6], str(stopped), *cmd[7:], "--reuse", str(out), "--distill-iters", "400"]
     log = (tmp_path / "stop.log").open("w")
-    proc = subprocess.Popen(stop_cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        stop_cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     running = [stopped / "distill" / v / "metrics.jsonl" for v in ("dmd", "dmd_ida")]
     deadline = time.time() + 120
     while not all(p.is_file() for p in running):
         assert proc.poll() is None and time.time() < deadline, (tmp_path / "stop.log").read_text()[-3000:]
         time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "stop.log").read_text()[-3000:]
     log.close()
     text = (tmp_path / "stop.log").read_text()
@@ -389,6 +392,45 @@ def test_spawned_jobs_end_with_their_parent():
         time.sleep(60)
     assert jobs.stop.signum == signal.SIGTERM
     assert time.time() - t0 < 40
+
+
+def test_spawned_jobs_run_in_their_own_process_group_and_die_with_a_killed_parent():
+    """A signal to the parent's group (``timeout``, Ctrl-C) must not reach a child's own children
+    (torch.compile's workers), and a child must not outlive a parent killed with SIGKILL."""
+    code = (
+        "import os, time\n"
+        "from senseflow.toy.children import SpawnedJobs\n"
+        "with SpawnedJobs(1) as jobs:\n"
+        "    jobs.submit('pid', os.getpid)\n"
+        "    jobs.submit('pgrp', os.getpgrp)\n"
+        "    jobs.submit('sleep', time.sleep, 120)\n"
+        "    ids = [jobs._futures[k].result() for k in ('pid', 'pgrp')]\n"
+        "    print(*ids, os.getpgrp(), flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        child, child_group, parent_group = map(int, proc.stdout.readline().split())
+        assert child_group == child != parent_group
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.time() + 30
+        while _alive(child):
+            assert time.time() < deadline, "the child outlived its killed parent"
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_gpu_estimate_counts_the_parallel_stages_once():

@@ -9,6 +9,13 @@ architecture, untrained: the timing of a step does not depend on the weights), t
 variant) or all four variants at once (``--jobs 4``: as ``python -m senseflow.toy`` trains them), and
 prints seconds per iteration per variant and setting. ``--threads N`` sets ``OMP_NUM_THREADS`` of every
 process (0: leave it unset).
+
+    python tools/toy_probe.py --preset gpu --out runs/toy_probe --toy-distill 20 --compile-threads 1 0
+
+times the toy's own distillation stage instead (``run_variants_parallel``: the four variants side by side,
+compiled as the preset says, ``--toy-distill`` iterations each), once per ``--compile-threads`` value (each
+variant's ``torch.compile`` workers; 0: the toy's default, the host's cores split between the variants),
+each with empty compilation caches: the seconds per variant include the cold compilation.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ def build(out: Path, preset_name: str, device: torch.device):
         vae_steps=1,
         teacher_steps=1,
         teacher_warmup=1,
+        teacher_compile=False,
         vfm_steps=1,
     )
     stages = Stages(out)
@@ -85,6 +93,33 @@ def bench_cmd(name, preset, out, device, setting, iters, warmup, result):
     ]
 
 
+def toy_distill(out: Path, preset, device: torch.device, iters: int, compile_threads: list[int]) -> None:
+    """Time ``run_variants_parallel`` (all variants, cold compilation caches) per compile-thread count."""
+    import shutil
+
+    from senseflow.toy.pipeline import run_variants_parallel
+
+    preset = dataclasses.replace(preset, distill_iters=iters, save_interval=iters)
+    rows = []
+    for threads in compile_threads:
+        shutil.rmtree(out / "distill", ignore_errors=True)
+        for var, name in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
+            os.environ[var] = str(out / "caches" / f"threads{threads}" / name)  # inherited by the variants
+        t0 = time.time()
+        run_variants_parallel(list(VARIANTS), out, preset, device, 4, compile_threads=threads or None)
+        wall = time.time() - t0
+        seconds = {
+            n: json.loads((out / "distill" / n / ".done.json").read_text())["seconds"] for n in VARIANTS
+        }
+        rows.append((threads, wall, seconds))
+        print(f"compile threads {threads or 'default'}: {wall:.0f}s wall", flush=True)
+    print("| compile threads per variant | wall s | " + " | ".join(f"{n} s" for n in VARIANTS) + " |")
+    print("| --- | --- |" + " --- |" * len(VARIANTS))
+    for threads, wall, seconds in rows:
+        cells = " | ".join(f"{seconds[n]:.0f}" for n in VARIANTS)
+        print(f"| {threads or f'default ({max((os.cpu_count() or 1) // 4, 1)})'} | {wall:.0f} | {cells} |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="gpu")
@@ -95,12 +130,17 @@ def main() -> int:
     p.add_argument("--settings", nargs="+", default=["eager", "compiled"], choices=list(SETTINGS))
     p.add_argument("--threads", type=int, nargs="+", default=[0])
     p.add_argument("--results", default=None, help="folder for the bench JSONs (default: OUT/results)")
+    p.add_argument("--toy-distill", type=int, default=0, help="time the toy's distillation stage instead")
+    p.add_argument("--compile-threads", type=int, nargs="+", default=[1, 0])
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out).resolve()
     t0 = time.time()
     preset = build(out, args.preset, device)
     print(f"built in {time.time() - t0:.1f}s", flush=True)
+    if args.toy_distill:
+        toy_distill(out, preset, device, args.toy_distill, args.compile_threads)
+        return 0
     results = Path(args.results or out / "results")
     results.mkdir(parents=True, exist_ok=True)
     rows = []

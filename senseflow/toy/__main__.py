@@ -31,8 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=list(PRESETS),
         default=None,
         help="ci: smoke test (about a minute on a CPU); cpu: real numbers on a 2-core CPU (~25 min); "
-        "gpu: the benchmark (13.9 min on one H100, measured before its side stages ran in parallel and its "
-        "teacher was compiled). Default: gpu with CUDA, else cpu",
+        "gpu: the benchmark (about 12.5 min on one H100). Default: gpu with CUDA, else cpu",
     )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument(

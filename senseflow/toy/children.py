@@ -8,6 +8,7 @@ command finishes what a stop or a failure left.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -17,6 +18,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 
 from ..stop import StopNow, StopRequest
 
+PR_SET_PDEATHSIG = 1
+"""``prctl`` option: the signal this process gets when its parent dies (``linux/prctl.h``)."""
 LOG_FORMAT = "%(asctime)s %(levelname)s [{tag}] %(name)s: %(message)s"
 """The format of a child's log lines: the parent's (``senseflow.metrics.setup_logging``) tagged with the job."""
 
@@ -28,25 +31,50 @@ def log_files() -> list[str]:
     return [path for path in paths if path != os.devnull]  # (pytest's logging plugin writes to /dev/null)
 
 
-def child_setup(tag: str, files: Sequence[str] = ()) -> None:
+def child_setup(tag: str, files: Sequence[str] = (), compile_threads: int = 1) -> None:
     """Logging and compilation settings at the start of a child's job: INFO lines tagged ``[tag]`` to
-    stderr (the parent's) and appended to ``files`` (the parent's :func:`log_files`)."""
+    stderr (the parent's) and appended to ``files`` (the parent's :func:`log_files`); ``compile_threads``:
+    the processes that compile this child's ``torch.compile`` kernels (1: in this process)."""
     fmt = LOG_FORMAT.format(tag=tag)
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     handlers += [logging.FileHandler(path) for path in files]  # O_APPEND: whole lines beside the parent's
     logging.basicConfig(level=logging.INFO, format=fmt, handlers=handlers, force=True)
-    # Inductor's compile workers are processes of this process group: a SIGTERM to the group (``timeout``)
-    # would kill them under a compilation in flight, which then never ends. Compile in this process.
+    # The compile workers are children of this process, in its own process group (isolate): a signal to
+    # the parent's group (``timeout``, Ctrl-C) cannot kill them under a compilation in flight.
     import torch._inductor.config
 
-    torch._inductor.config.compile_threads = 1
+    torch._inductor.config.compile_threads = max(compile_threads, 1)
+
+
+def isolate(parent: int) -> None:
+    """Put this child process in a process group of its own, and have it killed with its parent (Linux).
+
+    A signal to the parent's process group (``timeout``, Ctrl-C) then reaches the parent alone, which
+    passes stop signals on (:class:`SpawnedJobs`) to the child, not to the processes the child started
+    (``torch.compile``'s workers: killed under a compilation in flight, it would never end). The death
+    signal keeps a child from outliving a parent killed with SIGKILL (e.g. ``timeout -k``)."""
+    os.setpgrp()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: a child may then outlive a killed parent
+        pass
+    if os.getppid() != parent:  # the parent died before the death signal was set
+        os._exit(1)
+
+
+def _start_child(parent: int, initializer: Callable[[], None] | None) -> None:
+    isolate(parent)
+    if initializer is not None:
+        initializer()
 
 
 class SpawnedJobs:
     """Named jobs in up to ``workers`` spawned processes (a context manager).
 
     While it is open, a stop signal (SIGTERM, SIGUSR1) to this process cancels the queued jobs and is
-    passed on to the running ones; :attr:`stop` records it. With ``interrupt``, this process then also
+    passed on to the running ones; :attr:`stop` records it. Each child runs in a process group of its
+    own and dies with this process (:func:`isolate`). With ``interrupt``, this process then also
     stops at once, wherever it is (:class:`~senseflow.stop.StopNow`), and leaves the block, once its jobs
     have ended, with ``interrupt(signum)`` (a :class:`~senseflow.stop.TrainingStopped`): for a parent
     that keeps working while its jobs run. Leaving the block with an exception passes
@@ -75,7 +103,9 @@ class SpawnedJobs:
 
     def __enter__(self) -> SpawnedJobs:
         ctx = multiprocessing.get_context("spawn")
-        self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=self.initializer)
+        self._pool = ProcessPoolExecutor(
+            self.workers, mp_context=ctx, initializer=_start_child, initargs=(os.getpid(), self.initializer)
+        )
         self.stop.__enter__()
         return self
 

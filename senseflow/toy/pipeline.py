@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -240,14 +241,16 @@ def stage_eval(d: Path, method: str, out: Path, preset: Preset, get_ctx) -> dict
     return record
 
 
-def _distill_job(out: Path, preset: Preset, name: str, device: str, files: list[str]) -> None:
+def _distill_job(
+    out: Path, preset: Preset, name: str, device: str, files: list[str], compile_threads: int
+) -> None:
     """One variant in a child process (spawned: CUDA cannot be forked); its log lines, tagged with its
-    name, also go to ``files`` (the parent's ``toy.log``)."""
+    name, also go to ``files`` (the parent's ``toy.log``); ``compile_threads``: its compile workers."""
     from ..distributed import cleanup, init_distributed
     from ..stop import StopRequest
     from .children import child_setup
 
-    child_setup(name, files)
+    child_setup(name, files, compile_threads)
     info = init_distributed(device)
     try:
         with StopRequest():  # a signal while the models are built stops the training loop before it starts
@@ -259,9 +262,16 @@ def _distill_job(out: Path, preset: Preset, name: str, device: str, files: list[
 
 
 def run_variants_parallel(
-    names: list[str], out: Path, preset: Preset, device: torch.device, jobs: int
+    names: list[str],
+    out: Path,
+    preset: Preset,
+    device: torch.device,
+    jobs: int,
+    compile_threads: int | None = None,
 ) -> None:
     """Train ``names`` in up to ``jobs`` spawned processes; a failure names the variant and its log.
+    ``compile_threads``: each variant's ``torch.compile`` workers (default: the host's cores split
+    between the processes).
 
     A stop signal (SIGTERM, SIGUSR1) is passed on to the variants, which checkpoint and stop; this then
     raises :class:`~senseflow.stop.TrainingStopped` once they have (a rerun resumes them)."""
@@ -269,11 +279,13 @@ def run_variants_parallel(
     from .children import SpawnedJobs, log_files
 
     workers = min(jobs, len(names))
+    if compile_threads is None:
+        compile_threads = max((os.cpu_count() or 1) // workers, 1)
     logger.info("distilling %s in %d parallel processes", ", ".join(names), workers)
     # idle workers ignore stop signals (a dead worker breaks the pool under the variants still running)
     with SpawnedJobs(workers, initializer=ignore_stop_signals) as pool:
         for name in names:
-            pool.submit(name, _distill_job, out, preset, name, device.type, log_files())
+            pool.submit(name, _distill_job, out, preset, name, device.type, log_files(), compile_threads)
         outcome = pool.wait()
     failed, stopped = [], []
     for name, err in outcome.items():
