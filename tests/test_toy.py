@@ -182,10 +182,11 @@ def test_cli_ci_preset_and_rerun(tiny_cache, tmp_path):
     r5 = run_cmd([*cmd, "--distill-iters", "2"], tiny_cache, timeout=60)
     assert r5.returncode == 2 and "--distill-iters: must be at least 4" in r5.stderr
 
-    # a learning-rate sweep point reuses the finished stages before distillation and distils again
+    # a learning-rate sweep point of the full recipe alone reuses the finished stages before distillation
+    # and distils again
     swept = tmp_path / "toy_lr"
     sweep = [*cmd[:6], str(swept), *cmd[7:], "--reuse", str(out), "--distill-lr", "1e-4"]
-    r6 = run_cmd(sweep, tiny_cache, timeout=120)
+    r6 = run_cmd([*sweep, "--variants", "senseflow"], tiny_cache, timeout=120)
     assert r6.returncode == 0, r6.stderr[-4000:]
     assert "reused from" in r6.stderr
     for stage in ("data", "vae", "teacher", "featnet", "classifiers", "eval/teacher_4"):
@@ -193,8 +194,15 @@ def test_cli_ci_preset_and_rerun(tiny_cache, tmp_path):
     assert "stage eval/senseflow: running" in r6.stderr
     assert json.loads((swept / "preset.json").read_text())["distill_lr"] == 1e-4
     assert (swept / "distill" / "senseflow" / f"ckpt_model_{CI.distill_iters}.pth").is_file()
+    assert sorted(p.name for p in (swept / "distill").iterdir()) == ["senseflow"]
     swept_report = json.loads((swept / "report" / "report.json").read_text())
-    assert len(swept_report["table"]["rows"]) == len(table)
+    assert len(swept_report["table"]["rows"]) == len(table) - 3
+    assert (
+        list(swept_report["curves"]) == ["senseflow"] and swept_report["goal"]["fd_ratio_to_teacher_many"] > 0
+    )
+    assert "Vanilla DMD" not in (swept / "report" / "report.md").read_text()
+    r6b = run_cmd([*sweep, "--variants", "dmd"], tiny_cache, timeout=60)
+    assert r6b.returncode == 2 and "--variants: must include senseflow" in r6b.stderr
     # a run that differs before distillation cannot be reused
     r7 = run_cmd(
         [*cmd[:4], "cpu", "--out", str(tmp_path / "x"), *cmd[7:], "--reuse", str(out)], tiny_cache, timeout=60

@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -143,8 +143,9 @@ def stage_classifiers(d: Path, out: Path, preset: Preset, device: torch.device) 
     return {"steps": preset.classifier_steps, "heldout_accuracy_occupied_cells": acc}
 
 
-def methods(preset: Preset) -> dict[str, dict]:
-    """The evaluated methods: name -> label, steps, network evaluations per image."""
+def methods(preset: Preset, variants: Sequence[str] = tuple(VARIANTS)) -> dict[str, dict]:
+    """The evaluated methods (the teacher baselines and the distillation ``variants``): name -> label,
+    steps, network evaluations per image."""
     n, s = preset.teacher_many_steps, f"{preset.cfg_scale:g}"
     table = {
         "real": {
@@ -161,8 +162,8 @@ def methods(preset: Preset) -> dict[str, dict]:
             "nfe": 4,
         },
     }
-    for name, (label, _) in VARIANTS.items():
-        table[name] = {"label": f"{label}, 4 steps", "steps": 4, "nfe": 4}
+    for name in variants:
+        table[name] = {"label": f"{VARIANTS[name][0]}, 4 steps", "steps": 4, "nfe": 4}
     return table
 
 
@@ -467,14 +468,19 @@ def run(
     jobs: int = 1,
     reuse: Path | None = None,
     parallel_stages: bool | None = None,
+    variants: Sequence[str] = tuple(VARIANTS),
 ) -> dict:
     """Run (or skip) every stage into ``out`` and return the report; ``jobs`` > 1 trains that many
     distillation variants at once in separate processes (on one GPU: these models are far too small to
     fill it, so the variants run side by side in about the time of one). ``reuse``: a finished run whose
     stages before distillation are copied (:func:`reuse_stages`). ``parallel_stages``: run the stages that
     need only the data beside the VAE and the teacher, in a child process (:func:`run_setup_stages`;
-    default: on CUDA, where they overlap almost for free; on a CPU the processes would share its cores)."""
+    default: on CUDA, where they overlap almost for free; on a CPU the processes would share its cores).
+    ``variants``: the distillation variants to train and report (in :data:`VARIANTS` order; the full
+    recipe, ``senseflow``, is always among them: the report's goal is about it)."""
     from .report import write_report
+
+    variants = [name for name in VARIANTS if name in variants]
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -496,11 +502,11 @@ def run(
             dist_info.append(init_distributed(device.type))
         return dist_info[0]
 
-    pending = [name for name in VARIANTS if read_done(out / "distill" / name) is None]
+    pending = [name for name in variants if read_done(out / "distill" / name) is None]
     if jobs > 1 and len(pending) > 1:
         run_variants_parallel(pending, out, preset, device, jobs)
         stages.ran.extend(f"distill/{name}" for name in pending)
-    for name in VARIANTS:
+    for name in variants:
         stages.run(f"distill/{name}", lambda d, name=name: run_variant(name, preset, out, device, get_info()))
 
     ctx_cache = []
@@ -512,13 +518,16 @@ def run(
             ctx_cache.append(build_context(out, preset, device))
         return ctx_cache[0]
 
-    for method in methods(preset):
+    for method in methods(preset, variants):
         stages.run(f"eval/{method}", lambda d, method=method: stage_eval(d, method, out, preset, get_ctx))
 
-    if stages.ran:  # anything recomputed: the report must be rebuilt
-        (out / "report" / DONE).unlink(missing_ok=True)
+    reported = read_done(out / "report")
+    if stages.ran or (reported is not None and reported.get("variants", list(VARIANTS)) != variants):
+        (out / "report" / DONE).unlink(missing_ok=True)  # anything recomputed, or other variants: rebuild
     elapsed = time.time() - t_start
-    stages.run("report", lambda d: write_report(d, out, preset, device, stages.records, command, elapsed))
+    stages.run(
+        "report", lambda d: write_report(d, out, preset, device, stages.records, command, elapsed, variants)
+    )
     if dist_info:
         from ..distributed import cleanup
 

@@ -1,5 +1,6 @@
 """Sizes of the toy benchmark: ``ci`` (smoke test, about a minute on a CPU), ``cpu`` (real numbers on a
-2-core CPU in about 25 minutes) and ``gpu`` (the benchmark of issue 9, about 12.5 minutes on one H100)."""
+2-core CPU in about 25 minutes) and ``gpu`` (the benchmark of issue 9, 12.5 minutes on one H100 with compiled
+distillation runs, about 11 expected without)."""
 
 from __future__ import annotations
 
@@ -88,8 +89,11 @@ class Preset:
     distill_compile: bool = False
     """``model.compile_blocks`` and ``discriminator.compile_heads`` in the distillation runs (CUDA only).
     At 8 x 8 tokens every step is bound by Python and kernel launches; on an H100 compiling took the
-    full recipe from 0.56 to 0.40 s per iteration (batch 32) for about 30 s of compilation
-    (``tools/toy_probe.py``)."""
+    full recipe from 0.56 to 0.40 s per iteration alone (batch 32; four variants at once: 0.49 to 0.39,
+    the others ~0.24 either way), but the four variants' cold compilation took ~140 s of wall-clock time
+    (``tools/toy_probe.py --toy-distill 12``, 2026-11-23: 12 iterations in 170 s). Over the ``gpu``
+    preset's 400 iterations that is more than it saves (~40 s for the full recipe), so no preset turns it
+    on; it pays from about 1,500 iterations."""
     teacher_compile: bool = False
     """``torch.compile`` of the teacher transformer's blocks while it trains (CUDA only; the saved EMA copy
     stays uncompiled). At 8 x 8 tokens an eager step is bound by Python and kernel launches: on an H100
@@ -182,7 +186,6 @@ PRESETS: dict[str, Preset] = {
         classifier_steps=1000,
         distill_iters=400,
         distill_batch=32,
-        distill_compile=True,
         teacher_compile=True,
         save_interval=100,
         teacher_many_steps=50,

@@ -7,6 +7,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -90,10 +91,10 @@ def goal_check(results: dict[str, dict]) -> dict:
     }
 
 
-def curves(results: dict[str, dict]) -> dict[str, list[dict]]:
+def curves(results: dict[str, dict], variants: Sequence[str] = tuple(VARIANTS)) -> dict[str, list[dict]]:
     """Metrics of each variant over iterations, starting with the shared initial generator (iteration 0)."""
     start = {"iter": 0, **results["teacher_4_x0"]["metrics"]}
-    return {name: [start, *results[name].get("curve", [])] for name in VARIANTS}
+    return {name: [start, *results[name].get("curve", [])] for name in variants}
 
 
 def _vfm_line(v: dict) -> str:
@@ -128,11 +129,13 @@ def write_report(
     records: dict[str, dict],
     command: str,
     elapsed: float,
+    variants: Sequence[str] = tuple(VARIANTS),
 ) -> dict:
-    """Write the report files into ``d`` (the ``report`` stage) and return a summary."""
+    """Write the report files into ``d`` (the ``report`` stage) and return a summary (``variants``: the
+    distillation variants trained, among them ``senseflow``)."""
     from .pipeline import methods
 
-    table = methods(preset)
+    table = methods(preset, variants)
     results = {m: records[f"eval/{m}"] for m in table}
     rows = []
     for m, info in table.items():
@@ -141,7 +144,7 @@ def write_report(
             label += f" (iteration {results[m]['iteration']})"
         rows.append(_row(label, info["steps"], info["nfe"], results[m]["metrics"]))
     goal = goal_check(results)
-    curve = curves(results)
+    curve = curves(results, variants)
     stage_s = _stage_seconds({k: v for k, v in records.items() if k != "report"})
 
     # plot
@@ -210,8 +213,8 @@ def write_report(
             "classifiers": records["classifiers"],
             "distill_overrides": engine_overrides(preset, out, device),
             "variants": {
-                n: {"label": lab, "switches": sw, **records[f"distill/{n}"]}
-                for n, (lab, sw) in VARIANTS.items()
+                n: {"label": VARIANTS[n][0], "switches": VARIANTS[n][1], **records[f"distill/{n}"]}
+                for n in variants
             },
         },
         "methods": results,
@@ -228,7 +231,7 @@ def write_report(
     tmp.write_text(md)
     tmp.replace(d / "report.md")
     logger.info("report: %s", d / "report.md")
-    return {"report": str(d / "report.md"), "goal": goal}
+    return {"report": str(d / "report.md"), "goal": goal, "variants": list(variants)}
 
 
 def _markdown(report: dict, preset: Preset, table: dict, results: dict, curve: dict, out: Path) -> str:
@@ -275,11 +278,11 @@ def _markdown(report: dict, preset: Preset, table: dict, results: dict, curve: d
         "",
     ]
     iters = sorted({p["iter"] for c in curve.values() for p in c})
-    cols = ["Iteration"] + [f"{VARIANTS[n][0]}: FD / attr. %" for n in VARIANTS]
+    cols = ["Iteration"] + [f"{VARIANTS[n][0]}: FD / attr. %" for n in curve]
     rows = []
     for k in iters:
         row = [str(k)]
-        for n in VARIANTS:
+        for n in curve:
             p = next((p for p in curve[n] if p["iter"] == k), None)
             row.append("–" if p is None else f"{_fmt_fd(p['fd'])} / {_pct(p['attributes'])}")
         rows.append(row)

@@ -57,8 +57,8 @@ KL_WEIGHT = 1e-6
 def toy_overrides() -> list[str]:
     """Config overrides shared by training, distillation and inference of the toy teacher. No
     ``torch.compile`` here: at 8 x 8 tokens its compilation costs more than it saves on the CPU presets;
-    the ``gpu`` preset turns it on for the teacher's training and the distillation runs
-    (``Preset.teacher_compile``, ``Preset.distill_compile``)."""
+    the ``gpu`` preset turns it on for the teacher's training (``Preset.teacher_compile``; the
+    distillation runs can compile too, ``Preset.distill_compile``, which pays only in long runs)."""
     return [
         f"model.t5_max_length={T5_MAX_LENGTH}",
         "model.gradient_checkpointing=false",
