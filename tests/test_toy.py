@@ -320,6 +320,34 @@ def test_parallel_stages_match_the_sequential_ones_and_rerun(parallel_run, tmp_p
     assert again["table"] == report["table"]
 
 
+def test_sweep_tool_runs_points_of_the_full_recipe_from_a_finished_run(parallel_run, tiny_cache, tmp_path):
+    out, report = parallel_run
+    sweep = tmp_path / "sweep"
+    points = ["--distill-lr 1e-4", "--distill-warmup 4"]
+    cmd = [sys.executable, "tools/toy_sweep.py", str(out), *points, "--out", str(sweep), "--device", "cpu"]
+    r = run_cmd([*cmd, "--parallel", "2"], tiny_cache, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = json.loads((sweep / "sweep.json").read_text())["rows"]
+    assert [row["point"] for row in rows] == ["base run", "distill-lr_1e-4", "distill-warmup_4"]
+    teacher = report["methods"]["teacher_many"]["metrics"]
+    assert rows[0]["fd"] == report["methods"]["senseflow"]["metrics"]["fd"]
+    for row in rows:
+        assert row["fd_ratio"] == pytest.approx(row["fd"] / teacher["fd"]) and _finite(row["fd_ratio"])
+    for name, field, value in (
+        ("distill-lr_1e-4", "distill_lr", 1e-4),
+        ("distill-warmup_4", "distill_warmup", 4),
+    ):
+        assert json.loads((sweep / name / "preset.json").read_text())[field] == value
+        assert sorted(p.name for p in (sweep / name / "distill").iterdir()) == ["senseflow"]
+    assert rows[1]["fd"] != rows[2]["fd"]  # two different trainings
+    assert "| distill-warmup_4 |" in (sweep / "sweep.md").read_text() and "| Point |" in r.stdout
+    # a point that does not start (a bad option) is reported, and the others still make the table
+    bad = run_cmd(
+        [*cmd[:3], "--distill-lr -1", "--out", str(sweep), "--device", "cpu"], tiny_cache, timeout=120
+    )
+    assert bad.returncode == 1 and "distill-lr_-1: exit code 2" in bad.stdout
+
+
 def test_parallel_stage_failure_names_the_stage(parallel_run, tmp_path):
     src, _ = parallel_run
     out = tmp_path / "toy"
