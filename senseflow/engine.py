@@ -986,7 +986,7 @@ class Engine:
                     if self.iteration == on_disk:
                         # nothing new to save: a signal stops at once (e.g. in the first compilation)
                         if stop.requested:  # caught before training (by an enclosing StopRequest)
-                            raise StopNow(stop.signum)
+                            raise self._stopped_unsaved(stop.signum)
                         stop.immediate = True
                     batch = next(loader)
                     self.counters["skipped_images"] += int(batch["skipped"].sum())

@@ -69,10 +69,9 @@ class StopRequest:
     entered inside another one starts with the signal the outer one already caught (a signal during
     model building stops the training loop before its first iteration). Installing outside the main
     thread is a no-op (Python delivers signals to the main thread only): the flag then stays unset.
-    ``action`` says in the log what the signal now does (``immediate_action`` while :attr:`immediate`
-    is true). While :attr:`immediate` is true (it may change
+    ``action`` says in the log what the signal now does. While :attr:`immediate` is true (it may change
     at any time), the first signal raises :class:`StopNow` from the handler after ``on_signal``, i.e. in
-    the main thread wherever it is.
+    the main thread wherever it is, and the log says ``immediate_action`` instead.
     """
 
     def __init__(
