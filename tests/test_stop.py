@@ -115,6 +115,22 @@ def _stop_at(engine, k_stop: int, signum: int) -> None:
     engine.run_iteration = run_and_signal
 
 
+def _uninterrupted_run(tmp_path: Path, args: tuple[str, ...]) -> tuple[Path, Path]:
+    """Train ``args`` to the end in ``tmp_path/full``; returns it and an empty ``tmp_path/split``."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    full.mkdir()
+    split.mkdir()
+    make_engine(full, *args).train()
+    return full, split
+
+
+def _assert_same_generator(full: Path, split: Path, k: int) -> None:
+    """The generators both runs exported at iteration ``k`` are bit-identical."""
+    ga = torch.load(full / f"ckpt_model_{k}.pth", weights_only=True)["model"]
+    gb = torch.load(split / f"ckpt_model_{k}.pth", weights_only=True)["model"]
+    assert ga.keys() == gb.keys() and all(torch.equal(ga[n], gb[n]) for n in ga)
+
+
 def test_engine_stops_with_checkpoint_and_resumes_exactly(tiny_cache, tmp_path):
     """SIGTERM in iteration 4 of 7: a checkpoint at 4 (not a save iteration), TrainingStopped; the rerun
     ends with the weights and last losses of an uninterrupted run."""
@@ -124,10 +140,7 @@ def test_engine_stops_with_checkpoint_and_resumes_exactly(tiny_cache, tmp_path):
         "train.log_interval=3",
         "distill.generator_period=2",
     )
-    full, split = tmp_path / "full", tmp_path / "split"
-    full.mkdir()
-    split.mkdir()
-    make_engine(full, *args).train()
+    full, split = _uninterrupted_run(tmp_path, args)
 
     e = make_engine(split, *args)
     _stop_at(e, 4, signal.SIGTERM)
@@ -145,9 +158,7 @@ def test_engine_stops_with_checkpoint_and_resumes_exactly(tiny_cache, tmp_path):
     a, b = _metrics(full), _metrics(split)
     assert [r["iter"] for r in a] == [3, 6, 7]
     assert _losses(a[-1:]) == _losses(b[-1:])  # iteration 7 (records at 6 average 4-6 and 5-6)
-    ga = torch.load(full / "ckpt_model_7.pth", weights_only=True)["model"]
-    gb = torch.load(split / "ckpt_model_7.pth", weights_only=True)["model"]
-    assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
+    _assert_same_generator(full, split, 7)
 
 
 def test_engine_signal_in_last_iteration_just_finishes(tiny_cache, tmp_path):
@@ -222,10 +233,7 @@ def test_engine_stops_at_once_while_nothing_is_new_to_save(tiny_cache, tmp_path)
     at once, with no checkpoint (the one on disk holds that state); later ones finish their iteration
     and checkpoint it. The run still ends exactly as an uninterrupted one."""
     args = ("train.iter_num=6", "train.save_interval=3", "train.log_interval=1", "distill.generator_period=2")
-    full, split = tmp_path / "full", tmp_path / "split"
-    full.mkdir()
-    split.mkdir()
-    make_engine(full, *args).train()
+    full, split = _uninterrupted_run(tmp_path, args)
 
     e = make_engine(split, *args)
     _stop_at(e, 1, signal.SIGTERM)
@@ -252,9 +260,7 @@ def test_engine_stops_at_once_while_nothing_is_new_to_save(tiny_cache, tmp_path)
     e = make_engine(split, *args)
     e.train()
     assert [r["iter"] for r in _metrics(split)] == [1, 2, 3, 4, 5, 6]
-    ga = torch.load(full / "ckpt_model_6.pth", weights_only=True)["model"]
-    gb = torch.load(split / "ckpt_model_6.pth", weights_only=True)["model"]
-    assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
+    _assert_same_generator(full, split, 6)
 
 
 def test_signal_while_the_models_are_built_stops_before_the_first_iteration(tiny_cache, tmp_path):
