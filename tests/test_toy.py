@@ -41,7 +41,8 @@ from senseflow.toy.pipeline import (
     stage_featnet,
 )
 from senseflow.toy.presets import BACKBONE_FIELDS, DISTILL_FIELDS, PRESETS, RESOLUTION
-from senseflow.toy.stages import read_done, write_json_atomic
+from senseflow.toy.report import busy_seconds
+from senseflow.toy.stages import ATTEMPTS, Stages, read_done, write_json_atomic
 
 from .conftest import REPO, run_cmd
 
@@ -233,6 +234,9 @@ def test_cli_ci_preset_and_rerun(tiny_cache, tmp_path):
         step = int((stopped / "distill" / v / "checkpoints" / "latest").read_text().rsplit("_", 1)[1])
         assert 10 <= step < 400, (v, step)
         assert not (stopped / "distill" / v / ".done.json").exists()
+        # the interrupted attempt's interval is kept for the run that finishes the stage
+        [(start, end)] = json.loads((stopped / "distill" / v / ATTEMPTS).read_text())
+        assert 0 < end - start < 240, (start, end)
     assert not (stopped / "distill" / "senseflow" / "metrics.jsonl").exists()  # queued, never started
 
 
@@ -271,7 +275,7 @@ def _flat(record: dict, prefix: str = "") -> dict:
 
 
 def _without_timing(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in ("stage", "seconds", "finished")}
+    return {k: v for k, v in record.items() if k not in ("stage", "spans", "seconds", "finished")}
 
 
 def test_parallel_stages_match_the_sequential_ones_and_rerun(parallel_run, tmp_path):
@@ -362,6 +366,38 @@ def test_parallel_stage_failure_names_the_stage(parallel_run, tmp_path):
     log = (out / "toy.log").read_text()
     assert "[side] senseflow.toy.pipeline: stage featnet failed" in log and "FileExistsError" in log
     assert read_done(out / "classifiers") is None and not (out / "distill").exists()
+
+
+def test_stage_time_counts_interrupted_attempts(tmp_path):
+    """A stage stopped half-way and finished by a rerun reports the time of both attempts (the report's
+    seconds per iteration of a resumed distillation run), and its two intervals in the wall-clock union."""
+
+    class Stop(BaseException):  # like StopNow / KeyboardInterrupt: not an Exception
+        pass
+
+    def first(d):
+        (d / "partial").write_text("x")
+        time.sleep(0.3)
+        raise Stop
+
+    def second(d):
+        assert (d / "partial").is_file() and (d / ATTEMPTS).is_file()
+        time.sleep(0.2)
+        return {"value": 1}
+
+    with pytest.raises(Stop):
+        Stages(tmp_path).run("s", first)
+    assert read_done(tmp_path / "s") is None
+    time.sleep(0.5)  # between the attempts: not stage time
+    record = Stages(tmp_path).run("s", second)
+    assert record["value"] == 1 and len(record["spans"]) == 2
+    assert 0.5 <= record["seconds"] < 1.0, record
+    assert record["seconds"] == pytest.approx(sum(e - s for s, e in record["spans"]))
+    assert not (tmp_path / "s" / ATTEMPTS).exists() and read_done(tmp_path / "s") == record
+    assert busy_seconds([record]) == pytest.approx(record["seconds"])
+    # a stage that ran beside the second attempt counts once in the union
+    (a, b) = record["spans"][1]
+    assert busy_seconds([record, {"spans": [[a, b]]}]) == pytest.approx(record["seconds"])
 
 
 def test_distill_batch_option(tmp_path):

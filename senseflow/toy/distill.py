@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -118,13 +117,11 @@ def run_variant(name: str, preset: Preset, out: Path, device: torch.device, info
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
-    t0 = time.time()
     try:
         Engine(cfg, info, run_dir).train()
     finally:
         root.removeHandler(handler)
         handler.close()
-    seconds = time.time() - t0
     records = []
     if (run_dir / "metrics.jsonl").is_file():
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
@@ -135,8 +132,6 @@ def run_variant(name: str, preset: Preset, out: Path, device: torch.device, info
         "switches": VARIANTS[name][1],
         "iterations": preset.distill_iters,
         "generator_updates": preset.distill_iters // cfg.distill.generator_period,
-        "seconds": seconds,
-        "sec_per_iter": seconds / preset.distill_iters,
         "checkpoints": sorted(checkpoints(run_dir, preset)),
         "final_losses": {k: v for k, v in last.items() if k.startswith("loss/")},
     }

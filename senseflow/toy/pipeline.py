@@ -103,7 +103,7 @@ def stage_teacher(d: Path, out: Path, preset: Preset, device: torch.device) -> d
     from .teacher import build_teacher_folder, train_teacher
 
     for child in d.iterdir():
-        if child.name != DONE:
+        if not child.name.startswith("."):  # the stage's bookkeeping (DONE, ATTEMPTS) stays
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     vae = AutoencoderKL.from_pretrained(out / "vae" / "vae")
     build_teacher_folder(d, vae, preset, _seeds(preset)["weights"])

@@ -31,7 +31,9 @@ def busy_seconds(records) -> float:
     side, like the parallel distillation variants, count once)."""
     spans = []
     for r in records:
-        if "finished" in r and "seconds" in r:
+        if "spans" in r:
+            spans += [tuple(span) for span in r["spans"]]
+        elif "finished" in r and "seconds" in r:  # a record of a run before spans were recorded
             end = time.mktime(time.strptime(r["finished"], "%Y-%m-%d %H:%M:%S"))
             spans.append((end - float(r["seconds"]), end))
     total, reach = 0.0, float("-inf")
@@ -350,7 +352,8 @@ def _markdown(report: dict, preset: Preset, table: dict, results: dict, curve: d
         "",
     ]
     dist_rows = [
-        [x["label"], f"{x['seconds']:.1f}", f"{x['sec_per_iter']:.3f}"] for x in s["variants"].values()
+        [x["label"], f"{x['seconds']:.1f}", f"{x['seconds'] / x['iterations']:.3f}"]
+        for x in s["variants"].values()
     ]
     lines += [_md_table(["Distillation run", "Seconds", "Seconds / iteration"], dist_rows), ""]
     if report["gpu_estimate"]:

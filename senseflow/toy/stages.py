@@ -1,4 +1,8 @@
-"""Cached stages: each finished stage leaves ``<dir>/.done.json``, written atomically, and is skipped later."""
+"""Cached stages: each finished stage leaves ``<dir>/.done.json``, written atomically, and is skipped later.
+
+A stage stopped half-way (a signal, an error) leaves the interval it ran in ``<dir>/.attempts.json``; the
+run that finishes it counts those intervals too, so a resumed stage reports its whole time (a process
+killed outright, e.g. by SIGKILL, cannot record its interval)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from ..errors import ConfigError
 logger = logging.getLogger(__name__)
 
 DONE = ".done.json"
+ATTEMPTS = ".attempts.json"
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -44,8 +49,10 @@ class Stages:
     def run(self, name: str, fn: Callable[[Path], dict]) -> dict:
         """Run ``fn(stage_dir)`` unless ``<out>/<name>/.done.json`` exists; returns the stage record.
 
-        The record is ``fn``'s dict plus ``stage`` and ``seconds``; it is written last, so a stage
-        interrupted half-way runs again (its function must tolerate leftovers)."""
+        The record is ``fn``'s dict plus ``stage``, ``spans`` (the ``[start, end]`` times of every attempt,
+        interrupted ones included), ``seconds`` (their total) and ``finished``; it is written last, so a
+        stage interrupted half-way runs again (its function must tolerate leftovers and keep the
+        hidden bookkeeping files)."""
         stage_dir = self.out / name
         done = read_done(stage_dir)
         if done is not None:
@@ -57,11 +64,22 @@ class Stages:
             return done
         logger.info("stage %s: running", name)
         stage_dir.mkdir(parents=True, exist_ok=True)
+        attempts = stage_dir / ATTEMPTS
+        spans = json.loads(attempts.read_text()) if attempts.is_file() else []
         t0 = time.time()
-        record = dict(fn(stage_dir) or {})
-        record.update(stage=name, seconds=time.time() - t0, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        try:
+            record = dict(fn(stage_dir) or {})
+        except BaseException:  # a stop (StopNow, TrainingStopped, KeyboardInterrupt) or an error
+            write_json_atomic(attempts, [*spans, [t0, time.time()]])
+            raise
+        spans.append([t0, time.time()])
+        seconds = sum(end - start for start, end in spans)
+        finished = time.strftime("%Y-%m-%d %H:%M:%S")
+        record.update(stage=name, spans=spans, seconds=seconds, finished=finished)
         write_json_atomic(stage_dir / DONE, record)
-        logger.info("stage %s: done in %.1fs", name, record["seconds"])
+        attempts.unlink(missing_ok=True)
+        earlier = f" ({len(spans) - 1} earlier attempts included)" if len(spans) > 1 else ""
+        logger.info("stage %s: done in %.1fs%s", name, seconds, earlier)
         self.records[name] = record
         self.ran.append(name)
         return record
