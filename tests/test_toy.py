@@ -30,6 +30,7 @@ from senseflow.toy.evalnets import (
     train_cell_classifier,
     train_feature_net,
 )
+from senseflow.toy.evaluate import guidance_scales, load_images
 from senseflow.toy.pipeline import (
     SHARED_STAGES,
     SIDE_STAGES,
@@ -159,7 +160,18 @@ def test_cli_ci_preset_and_rerun(tiny_cache, tmp_path):
     md = (report_dir / "report.md").read_text()
     for label in (table[m]["label"] for m in table):
         assert label in md
-    assert set(report["goal"]) >= {"fd_ratio_to_teacher_many", "attribute_gap_points", "beats_teacher_4"}
+    assert set(report["goal"]) >= {
+        "fd_ratio_to_teacher_many",
+        "attribute_gap_points",
+        "beats_teacher_4",
+        "fd_ratio_to_teacher_many_dm",
+    }
+    assert "Against the teacher at the DM loss's guidance" in md
+    # the DM-guidance teacher: same noise as the CFG-5 one, other scales, so other images
+    fixed, ranged = (
+        load_images(out / "eval" / m / "images.npz") for m in ("teacher_many", "teacher_many_dm")
+    )
+    assert fixed.shape == ranged.shape and not np.array_equal(fixed, ranged)
     assert "| Method |" in r.stdout  # the CLI prints the table
     assert "in 2 parallel processes" in r.stderr  # the variants were trained side by side
     assert "[senseflow] senseflow.engine" in r.stderr
@@ -366,6 +378,19 @@ def test_parallel_stage_failure_names_the_stage(parallel_run, tmp_path):
     log = (out / "toy.log").read_text()
     assert "[side] senseflow.toy.pipeline: stage featnet failed" in log and "FileExistsError" in log
     assert read_done(out / "classifiers") is None and not (out / "distill").exists()
+
+
+def test_guidance_scales_per_prompt():
+    """A guidance range gives each prompt its own seeded scale, the same whatever the batching."""
+    whole = guidance_scales((2.0, 8.0), 0, 64)
+    assert torch.equal(
+        torch.cat([guidance_scales((2.0, 8.0), 0, 40), guidance_scales((2.0, 8.0), 40, 24)]), whole
+    )
+    assert whole.min() >= 2.0 and whole.max() <= 8.0 and whole.std() > 1.0  # U(2, 8): std 1.73
+    assert torch.equal(guidance_scales(5.0, 3, 4), torch.full((4,), 5.0))
+    assert methods(CI)["teacher_many_dm"]["label"].startswith(
+        f"Teacher, {CI.teacher_many_steps} Euler steps, CFG ~ U(2, 8)"
+    )
 
 
 def test_stage_time_counts_interrupted_attempts(tmp_path):

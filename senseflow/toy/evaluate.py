@@ -78,11 +78,33 @@ def teacher_levels(num_steps: int, shift: float) -> torch.Tensor:
     return shift_sigma(u, shift).float()
 
 
+GUIDANCE_SEED = 20251122
+"""Seed of the per-prompt guidance scales of a guidance range (prompt i: ``GUIDANCE_SEED + i``)."""
+
+
+def guidance_scales(cfg_scale: float | tuple[float, float], start: int, n: int) -> torch.Tensor:
+    """The CFG scale of prompts ``start .. start+n-1``: ``cfg_scale``, or for a range ``(lo, hi)`` a draw of
+    U(lo, hi) per prompt, seeded by its index (the same whatever the batch size)."""
+    if isinstance(cfg_scale, (int, float)):
+        return torch.full((n,), float(cfg_scale))
+    lo, hi = map(float, cfg_scale)
+    u = [
+        float(torch.rand((), generator=torch.Generator().manual_seed(GUIDANCE_SEED + start + i)))
+        for i in range(n)
+    ]
+    return lo + (hi - lo) * torch.tensor(u)
+
+
 @torch.no_grad()
 def sample_guided(
-    ctx: EvalContext, net, levels: torch.Tensor, cfg_scale: float, sampler: str = "euler"
+    ctx: EvalContext,
+    net,
+    levels: torch.Tensor,
+    cfg_scale: float | tuple[float, float],
+    sampler: str = "euler",
 ) -> torch.Tensor:
-    """The teacher with classifier-free guidance on every evaluation prompt: (N, 3, R, R) in [-1, 1]."""
+    """The teacher with classifier-free guidance on every evaluation prompt: (N, 3, R, R) in [-1, 1].
+    ``cfg_scale``: one scale, or a range ``(lo, hi)`` drawn from per prompt (:func:`guidance_scales`)."""
     adapter, out = ctx.adapter, []
     prompts = ctx.prompts
     for start in range(0, len(prompts), ctx.preset.eval_batch):
@@ -94,7 +116,7 @@ def sample_guided(
         noise_fn = per_sample_noise(gens)
         noise = noise_fn((n, *latent_shape(adapter, RESOLUTION, RESOLUTION)))
         cond, uncond = adapter.encode_prompts(chunk), adapter.empty_cond(n)
-        scale = torch.full((n,), float(cfg_scale), device=ctx.device)
+        scale = guidance_scales(cfg_scale, start, n).to(ctx.device)
 
         def pred_fn(x, level, cond=cond, uncond=uncond, scale=scale):
             return adapter.guided(net, x, level, cond, uncond, scale)

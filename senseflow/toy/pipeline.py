@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -13,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import load_config
 from ..stop import TrainingStopped
 from .data import images_to_tensor, load_split, make_split, save_split, write_engine_dataset
 from .distill import VARIANTS, checkpoints, run_variant
 from .presets import RESOLUTION, Preset
 from .stages import DONE, Stages, check_preset, read_done
+from .teacher import BASE_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -143,10 +146,18 @@ def stage_classifiers(d: Path, out: Path, preset: Preset, device: torch.device) 
     return {"steps": preset.classifier_steps, "heldout_accuracy_occupied_cells": acc}
 
 
+@functools.cache
+def dm_guidance() -> tuple[float, float]:
+    """The CFG range of the recipe's DM loss (``distill.dm.guidance``): the teacher the students learn from."""
+    lo, hi = load_config(BASE_CONFIG).distill.dm.guidance
+    return float(lo), float(hi)
+
+
 def methods(preset: Preset, variants: Sequence[str] = tuple(VARIANTS)) -> dict[str, dict]:
     """The evaluated methods (the teacher baselines and the distillation ``variants``): name -> label,
     steps, network evaluations per image."""
     n, s = preset.teacher_many_steps, f"{preset.cfg_scale:g}"
+    lo, hi = dm_guidance()
     table = {
         "real": {
             "label": "Real images (independent set; classifier on ground truth)",
@@ -155,6 +166,11 @@ def methods(preset: Preset, variants: Sequence[str] = tuple(VARIANTS)) -> dict[s
         },
         "vae": {"label": "VAE reconstructions of the evaluation images", "steps": None, "nfe": None},
         "teacher_many": {"label": f"Teacher, {n} Euler steps, CFG {s}", "steps": n, "nfe": 2 * n},
+        "teacher_many_dm": {
+            "label": f"Teacher, {n} Euler steps, CFG ~ U({lo:g}, {hi:g}) per prompt (the DM loss's guidance)",
+            "steps": n,
+            "nfe": 2 * n,
+        },
         "teacher_4": {"label": f"Teacher, 4 Euler steps, CFG {s} (undistilled)", "steps": 4, "nfe": 8},
         "teacher_4_x0": {
             "label": "Teacher, 4 x0 steps, no CFG (= every student at iteration 0)",
@@ -204,10 +220,9 @@ def stage_eval(d: Path, method: str, out: Path, preset: Preset, get_ctx) -> dict
         ctx = get_ctx()
         net = load_net(ctx, out / "teacher" / "transformer")
         shift = ctx.adapter.schedule.shift
-        if method == "teacher_many":
-            images = sample_guided(
-                ctx, net, teacher_levels(preset.teacher_many_steps, shift), preset.cfg_scale
-            )
+        if method in ("teacher_many", "teacher_many_dm"):
+            scale = preset.cfg_scale if method == "teacher_many" else dm_guidance()
+            images = sample_guided(ctx, net, teacher_levels(preset.teacher_many_steps, shift), scale)
         elif method == "teacher_4":
             images = sample_guided(ctx, net, teacher_levels(4, shift), preset.cfg_scale)
         else:
