@@ -27,6 +27,7 @@ from senseflow.toy.evalnets import (
     feature_net_accuracy,
     frechet_bootstrap_se,
     frechet_distance,
+    frechet_parts,
     train_cell_classifier,
     train_feature_net,
 )
@@ -72,6 +73,14 @@ def test_frechet_distance():
     assert shifted[2] == pytest.approx(16 * 1.0**2, rel=1e-6)
     b = rng.normal(size=(400, 16)) * 2.0  # different covariance, same mean
     assert frechet_distance(a, b) > frechet_distance(a, rng.normal(size=(400, 16)))
+    # its parts: a shift goes to the mean term, a narrower set to the covariance term and the variance ratio
+    moved = frechet_parts(a + 1.0, a)
+    assert moved["mean_term"] == pytest.approx(16.0) and moved["cov_term"] == pytest.approx(0.0, abs=1e-6)
+    assert moved["variance_ratio"] == pytest.approx(1.0)
+    narrow = frechet_parts(0.5 * a, a)
+    assert narrow["mean_term"] < 0.01 * narrow["cov_term"] and narrow["variance_ratio"] == pytest.approx(0.25)
+    assert narrow["fd"] == pytest.approx(narrow["mean_term"] + narrow["cov_term"])
+    assert narrow["fd"] == pytest.approx(frechet_distance(0.5 * a, a))
 
 
 def test_frechet_bootstrap_se():
@@ -167,6 +176,11 @@ def test_cli_ci_preset_and_rerun(tiny_cache, tmp_path):
         "fd_ratio_to_teacher_many_dm",
     }
     assert "Against the teacher at the DM loss's guidance" in md
+    assert "FD in parts" in md and set(report["methods"]["senseflow"]["metrics"]) >= {
+        "fd_mean_term",
+        "fd_cov_term",
+        "feature_variance_ratio",
+    }
     # the DM-guidance teacher: same noise as the CFG-5 one, other scales, so other images
     fixed, ranged = (
         load_images(out / "eval" / m / "images.npz") for m in ("teacher_many", "teacher_many_dm")
