@@ -97,7 +97,7 @@ def toy_distill(out: Path, preset, device: torch.device, iters: int, compile_thr
     """Time ``run_variants_parallel`` (all variants, cold compilation caches) per compile-thread count."""
     import shutil
 
-    from senseflow.toy.pipeline import run_variants_parallel
+    from senseflow.toy.pipeline import default_compile_threads, run_variants_parallel
 
     preset = dataclasses.replace(preset, distill_iters=iters, save_interval=iters)
     rows = []
@@ -117,7 +117,7 @@ def toy_distill(out: Path, preset, device: torch.device, iters: int, compile_thr
     print("| --- | --- |" + " --- |" * len(VARIANTS))
     for threads, wall, seconds in rows:
         cells = " | ".join(f"{seconds[n]:.0f}" for n in VARIANTS)
-        print(f"| {threads or f'default ({max((os.cpu_count() or 1) // 4, 1)})'} | {wall:.0f} | {cells} |")
+        print(f"| {threads or f'default ({default_compile_threads(4)})'} | {wall:.0f} | {cells} |")
 
 
 def main() -> int:

@@ -220,11 +220,14 @@ def stage_eval(d: Path, method: str, out: Path, preset: Preset, get_ctx) -> dict
         ctx = get_ctx()
         net = load_net(ctx, out / "teacher" / "transformer")
         shift = ctx.adapter.schedule.shift
-        if method in ("teacher_many", "teacher_many_dm"):
-            scale = preset.cfg_scale if method == "teacher_many" else dm_guidance()
-            images = sample_guided(ctx, net, teacher_levels(preset.teacher_many_steps, shift), scale)
-        elif method == "teacher_4":
-            images = sample_guided(ctx, net, teacher_levels(4, shift), preset.cfg_scale)
+        guided = {  # method -> Euler steps, CFG scale (or range)
+            "teacher_many": (preset.teacher_many_steps, preset.cfg_scale),
+            "teacher_many_dm": (preset.teacher_many_steps, dm_guidance()),
+            "teacher_4": (4, preset.cfg_scale),
+        }
+        if method in guided:
+            steps, scale = guided[method]
+            images = sample_guided(ctx, net, teacher_levels(steps, shift), scale)
         else:
             images = sample_generator(ctx, net)
         metrics = score(ctx, images)
@@ -277,6 +280,11 @@ def _distill_job(
         cleanup()
 
 
+def default_compile_threads(workers: int) -> int:
+    """``torch.compile`` workers per variant when ``workers`` variants train at once: the host's cores split."""
+    return max((os.cpu_count() or 1) // workers, 1)
+
+
 def run_variants_parallel(
     names: list[str],
     out: Path,
@@ -296,7 +304,7 @@ def run_variants_parallel(
 
     workers = min(jobs, len(names))
     if compile_threads is None:
-        compile_threads = max((os.cpu_count() or 1) // workers, 1)
+        compile_threads = default_compile_threads(workers)
     logger.info("distilling %s in %d parallel processes", ", ".join(names), workers)
     # idle workers ignore stop signals (a dead worker breaks the pool under the variants still running)
     with SpawnedJobs(workers, initializer=ignore_stop_signals) as pool:
