@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,9 +20,11 @@ import numpy as np
 import pytest
 import torch
 
+from senseflow.config import load_config
 from senseflow.errors import SenseFlowError
 from senseflow.toy.__main__ import build_preset, parse_args
 from senseflow.toy.data import make_split
+from senseflow.toy.distill import VARIANTS, variant_overrides
 from senseflow.toy.evalnets import (
     classifier_accuracy,
     feature_net_accuracy,
@@ -44,7 +47,8 @@ from senseflow.toy.pipeline import (
 )
 from senseflow.toy.presets import BACKBONE_FIELDS, DISTILL_FIELDS, PRESETS, RESOLUTION
 from senseflow.toy.report import busy_seconds
-from senseflow.toy.stages import ATTEMPTS, Stages, read_done, write_json_atomic
+from senseflow.toy.stages import ATTEMPTS, Stages, check_preset, read_done, write_json_atomic
+from senseflow.toy.teacher import BASE_CONFIG
 
 from .conftest import REPO, run_cmd
 
@@ -353,24 +357,30 @@ def test_parallel_stages_match_the_sequential_ones_and_rerun(parallel_run, tmp_p
 def test_sweep_tool_runs_points_of_the_full_recipe_from_a_finished_run(parallel_run, tiny_cache, tmp_path):
     out, report = parallel_run
     sweep = tmp_path / "sweep"
-    points = ["--distill-lr 1e-4", "--distill-warmup 4"]
+    points = ["--distill-lr 1e-4", "--set distill.gan.weight=0.3"]
     cmd = [sys.executable, "tools/toy_sweep.py", str(out), *points, "--out", str(sweep), "--device", "cpu"]
     r = run_cmd([*cmd, "--parallel", "2"], tiny_cache, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = json.loads((sweep / "sweep.json").read_text())["rows"]
-    assert [row["point"] for row in rows] == ["base run", "distill-lr_1e-4", "distill-warmup_4"]
+    assert [row["point"] for row in rows] == ["base run", "distill-lr_1e-4", "set_distill.gan.weight_0.3"]
     teacher = report["methods"]["teacher_many"]["metrics"]
     assert rows[0]["fd"] == report["methods"]["senseflow"]["metrics"]["fd"]
     for row in rows:
         assert row["fd_ratio"] == pytest.approx(row["fd"] / teacher["fd"]) and _finite(row["fd_ratio"])
     for name, field, value in (
         ("distill-lr_1e-4", "distill_lr", 1e-4),
-        ("distill-warmup_4", "distill_warmup", 4),
+        ("set_distill.gan.weight_0.3", "distill_overrides", ["distill.gan.weight=0.3"]),
     ):
         assert json.loads((sweep / name / "preset.json").read_text())[field] == value
         assert sorted(p.name for p in (sweep / name / "distill").iterdir()) == ["senseflow"]
+    # --set reaches the engine's config of the full recipe
+    gan = (sweep / "set_distill.gan.weight_0.3" / "distill" / "senseflow" / "config.yaml").read_text()
+    assert (
+        "weight: 0.3" in gan
+        and "weight: 0.3" not in (out / "distill" / "senseflow" / "config.yaml").read_text()
+    )
     assert rows[1]["fd"] != rows[2]["fd"]  # two different trainings
-    assert "| distill-warmup_4 |" in (sweep / "sweep.md").read_text() and "| Point |" in r.stdout
+    assert "| set_distill.gan.weight_0.3 |" in (sweep / "sweep.md").read_text() and "| Point |" in r.stdout
     # a point that does not start (a bad option) is reported, and the others still make the table
     bad = run_cmd(
         [*cmd[:3], "--distill-lr -1", "--out", str(sweep), "--device", "cpu"], tiny_cache, timeout=120
@@ -459,6 +469,36 @@ def test_distill_batch_option(tmp_path):
     for name in SHARED_STAGES:
         write_json_atomic(src / name / ".done.json", {"seconds": 1.0})
     assert reuse_stages(src, tmp_path / "batch", preset) == list(SHARED_STAGES)
+
+
+def test_set_option_overrides_the_recipe_for_every_variant(tmp_path):
+    sets = ["--set", "distill.gan.weight=1", "--set", "distill.generator_period=5"]
+    preset = build_preset(parse_args(["--preset", "ci", *sets]), "ci")
+    assert preset.distill_overrides == ("distill.gan.weight=1", "distill.generator_period=5")
+    assert "distill_overrides" in DISTILL_FIELDS and CI.distill_overrides == ()
+    cpu = torch.device("cpu")
+    gan = {n: load_config(BASE_CONFIG, variant_overrides(n, preset, tmp_path, cpu)).distill for n in VARIANTS}
+    assert all(d.generator_period == 5 for d in gan.values())
+    # the ablation switches win: only the full recipe (and none of the GAN-free variants) gets the weight
+    assert gan["senseflow"].gan.weight == 1 and {gan[n].gan.weight for n in VARIANTS if n != "senseflow"} == {
+        0
+    }
+    for bad, message in (
+        ("distill.gan.wieght=1", "unknown key 'distill.gan.wieght'"),
+        ("distill.generator_period=0", "distill.generator_period: must be >= 1"),
+        ("train.iter_num=5", "the toy sets train.iter_num itself"),
+        ("lr_scheduler.lr_max=1", "the toy sets lr_scheduler.lr_max itself"),
+        ("distill.gan.weight", "must look like KEY=VALUE"),
+    ):
+        with pytest.raises(SenseFlowError, match=re.escape(message)):
+            build_preset(parse_args(["--set", bad]), "ci")
+    # a run folder from before the field existed still matches the same preset (the default fills in)
+    old = CI.to_dict()
+    del old["distill_overrides"]
+    (tmp_path / "preset.json").write_text(json.dumps(old))
+    check_preset(tmp_path, CI.to_dict())
+    with pytest.raises(SenseFlowError, match="other settings"):
+        check_preset(tmp_path, preset.to_dict())
 
 
 def test_teacher_compiles_the_trained_blocks_not_the_ema():

@@ -72,6 +72,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "backbone, an ablation); a changed preset needs a new --out",
     )
     p.add_argument(
+        "--set",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="an engine override of configs/SD35/sd35_senseflow.yaml for every variant (repeatable), e.g. "
+        "--set distill.gan.weight=1 --set distill.generator_period=5; the ablation switches win (the variants "
+        "without GAN keep distill.gan.weight=0); the keys the toy sets itself (paths, sizes, learning rate, "
+        "...) have their own options; a changed preset needs a new --out (--reuse works)",
+    )
+    p.add_argument(
         "--reuse",
         default=None,
         help="a finished run's --out: copy its stages before distillation (data, teacher, evaluation "
@@ -135,7 +146,34 @@ def build_preset(args: argparse.Namespace, name: str) -> Preset:
             if not valid(value):
                 raise SenseFlowError(f"--{field.replace('_', '-')}: {rule}")
             preset = dataclasses.replace(preset, **{field: value})
+    if args.overrides:
+        preset = dataclasses.replace(preset, distill_overrides=check_overrides(preset, args.overrides))
     return preset
+
+
+def check_overrides(preset: Preset, overrides: list[str]) -> tuple[str, ...]:
+    """``--set``'s engine overrides, validated against the recipe's config (``SenseFlowError`` names a bad
+    one) before any stage runs."""
+    from ..config import load_config
+    from .distill import managed_keys
+    from .teacher import BASE_CONFIG, toy_overrides
+
+    managed = managed_keys(preset)
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if "=" not in text:
+            raise SenseFlowError(f"--set {text}: must look like KEY=VALUE (e.g. distill.gan.weight=1)")
+        if key in managed:
+            raise SenseFlowError(
+                f"--set {text}: the toy sets {key} itself (see the report's shared overrides); use its options "
+                "(--distill-iters, --distill-lr, --distill-batch, --distill-warmup)"
+            )
+    for _, switches in VARIANTS.values():
+        try:
+            load_config(BASE_CONFIG, [*toy_overrides(), *overrides, *switches])
+        except SenseFlowError as err:
+            raise SenseFlowError(f"--set: {err}") from None
+    return tuple(overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ frozen, only the heads learn, as in the real recipe (there on a pretrained DINOv
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -80,7 +81,18 @@ def engine_overrides(preset: Preset, out: Path, device: torch.device) -> list[st
         "log.progress_bar=false",
         "checkpoint.keep_last=1",
         "checkpoint.keep_last_exports=0",
+        *preset.distill_overrides,
     ]
+
+
+def managed_keys(preset: Preset) -> set[str]:
+    """The config keys the toy sets itself (paths, sizes, precision, learning rate, ...): ``--set`` must not
+    change them (the toy's checkpoints and report follow its preset)."""
+    keys = set()
+    for device in ("cpu", "cuda"):
+        bare = dataclasses.replace(preset, distill_overrides=(), distill_compile=True)
+        keys |= {o.split("=", 1)[0] for o in engine_overrides(bare, Path("out"), torch.device(device))}
+    return keys
 
 
 def variant_overrides(name: str, preset: Preset, out: Path, device: torch.device) -> list[str]:

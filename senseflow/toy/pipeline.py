@@ -448,7 +448,7 @@ def reuse_stages(src: Path, out: Path, preset: Preset) -> list[str]:
     Stages already in ``out`` stay.
     """
     from ..errors import ConfigError
-    from .presets import BACKBONE_FIELDS, DISTILL_FIELDS
+    from .presets import BACKBONE_FIELDS, DISTILL_FIELDS, with_defaults
 
     src = src.resolve()
     path = src / "preset.json"
@@ -461,7 +461,7 @@ def reuse_stages(src: Path, out: Path, preset: Preset) -> list[str]:
     def differing(theirs: dict, ours: dict) -> list[str]:
         return sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
 
-    theirs = json.loads(path.read_text())
+    theirs = with_defaults(json.loads(path.read_text()))
     ours = json.loads(json.dumps(preset.to_dict()))  # tuples as JSON lists
     shared = [k for k in ours.keys() | theirs.keys() if k not in DISTILL_FIELDS and k not in BACKBONE_FIELDS]
     differ = differing(select(theirs, shared), select(ours, shared))

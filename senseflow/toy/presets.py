@@ -5,6 +5,7 @@ of a run stopped once, 2026-11-23)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -29,6 +30,7 @@ DISTILL_FIELDS = (
     "distill_lr",
     "distill_warmup",
     "distill_compile",
+    "distill_overrides",
 )
 
 
@@ -94,6 +96,10 @@ class Preset:
     (``tools/toy_probe.py --toy-distill 12``, 2026-11-23: 12 iterations in 170 s). Over the ``gpu``
     preset's 400 iterations that is more than it saves (~40 s for the full recipe), so no preset turns it
     on; it pays from about 1,500 iterations."""
+    distill_overrides: tuple[str, ...] = ()
+    """Engine overrides (``key=value`` on ``configs/SD35/sd35_senseflow.yaml``) applied to every variant after
+    the toy's own and before the ablation switches, which win (``--set``; e.g. ``distill.gan.weight=1`` changes
+    only the full recipe, the variants without GAN keep 0). Empty in every preset: the recipe's values."""
     teacher_compile: bool = False
     """``torch.compile`` of the teacher transformer's blocks while it trains (CUDA only; the saved EMA copy
     stays uncompiled). At 8 x 8 tokens an eager step is bound by Python and kernel launches: on an H100
@@ -115,6 +121,13 @@ class Preset:
     def to_dict(self) -> dict:
         """Plain dict (JSON)."""
         return dataclasses.asdict(self)
+
+
+def with_defaults(fields: dict) -> dict:
+    """A ``preset.json`` of an older run completed with the defaults of the fields added since (as JSON
+    values), so that it still compares equal to the same preset today."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Preset) if f.default is not dataclasses.MISSING}
+    return {**json.loads(json.dumps(defaults)), **fields}
 
 
 PRESETS: dict[str, Preset] = {

@@ -369,7 +369,8 @@ def _markdown(report: dict, preset: Preset, table: dict, results: dict, curve: d
         )
         + ".",
         f"- **Distillation**: `senseflow.engine.Engine`, base `configs/SD35/sd35_senseflow.yaml`; "
-        f"{preset.distill_iters} iterations (generator every 10: "
+        f"{preset.distill_iters} iterations (generator every "
+        f"{preset.distill_iters // max(1, s['variants']['senseflow']['generator_updates'])}: "
         f"{s['variants']['senseflow']['generator_updates']} generator updates), batch {preset.distill_batch}, "
         f"LR {preset.distill_lr:g} for every net and variant (warm-up {preset.distill_warmup}); the GAN's heads "
         "(trained) read the toy DINOv2 below and a tiny random CLIP text tower (`discriminator.c_dim=16`). "

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ConfigError
+from .presets import with_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def check_preset(out: Path, preset: dict) -> None:
     """Bind the output folder to one preset: a rerun with other sizes would mix incompatible stages."""
     path = out / "preset.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = with_defaults(json.loads(path.read_text()))
         if old != json.loads(json.dumps(preset)):
             raise ConfigError(
                 f"--out: {out} holds a run of preset {old.get('name')!r} with other settings; "
