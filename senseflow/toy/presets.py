@@ -1,6 +1,6 @@
 """Sizes of the toy benchmark: ``ci`` (smoke test, about a minute on a CPU), ``cpu`` (real numbers on a
-2-core CPU in about 25 minutes) and ``gpu`` (the benchmark of issue 9, about 10.7 minutes on one H100: the log
-of a run stopped once, 2026-11-23)."""
+2-core CPU in about 25 minutes) and ``gpu`` (the benchmark of issue 9, 11-12 minutes on one H100: 10.7 by the
+log of a run stopped once, 11.9 by the report of another, 2026-11-23)."""
 
 from __future__ import annotations
 
