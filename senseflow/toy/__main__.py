@@ -160,9 +160,9 @@ def check_overrides(preset: Preset, overrides: list[str]) -> tuple[str, ...]:
 
     managed = managed_keys(preset)
     for text in overrides:
-        key = text.split("=", 1)[0].strip()
         if "=" not in text:
             raise SenseFlowError(f"--set {text}: must look like KEY=VALUE (e.g. distill.gan.weight=1)")
+        key = text.split("=", 1)[0].strip()
         if key in managed:
             raise SenseFlowError(
                 f"--set {text}: the toy sets {key} itself (see the report's shared overrides); use its options "

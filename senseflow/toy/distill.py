@@ -88,9 +88,9 @@ def engine_overrides(preset: Preset, out: Path, device: torch.device) -> list[st
 def managed_keys(preset: Preset) -> set[str]:
     """The config keys the toy sets itself (paths, sizes, precision, learning rate, ...): ``--set`` must not
     change them (the toy's checkpoints and report follow its preset)."""
+    bare = dataclasses.replace(preset, distill_overrides=(), distill_compile=True)
     keys = set()
     for device in ("cpu", "cuda"):
-        bare = dataclasses.replace(preset, distill_overrides=(), distill_compile=True)
         keys |= {o.split("=", 1)[0] for o in engine_overrides(bare, Path("out"), torch.device(device))}
     return keys
 
