@@ -5,6 +5,7 @@ distance, and the teacher's compiled blocks."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -413,8 +414,49 @@ def test_guidance_scales_per_prompt():
     assert whole.min() >= 2.0 and whole.max() <= 8.0 and whole.std() > 1.0  # U(2, 8): std 1.73
     assert torch.equal(guidance_scales(5.0, 3, 4), torch.full((4,), 5.0))
     assert methods(CI)["teacher_many_dm"]["label"].startswith(
-        f"Teacher, {CI.teacher_many_steps} Euler steps, CFG ~ U(2, 8)"
+        f"Teacher, {CI.teacher_many_steps} Euler steps, CFG 2 "
     )
+    ranged = dataclasses.replace(CI, dm_guidance=(2.0, 8.0))
+    assert methods(ranged)["teacher_many_dm"]["label"].startswith(
+        f"Teacher, {CI.teacher_many_steps} Euler steps, CFG ~ U(2, 8) per prompt"
+    )
+
+
+def test_dm_guidance_option_sets_the_recipe_range_and_reevaluates_its_teacher(tmp_path):
+    """The toy's DM guidance (2 by default, ``--dm-guidance``) reaches every variant's engine config; runs
+    from before the field (which used the recipe's U(2, 8)) no longer match; ``--reuse`` of a run at another
+    guidance copies every stage but the teacher evaluated at that guidance."""
+    cpu = torch.device("cpu")
+    assert all(p.dm_guidance == (2.0, 2.0) for p in PRESETS.values()) and "dm_guidance" in DISTILL_FIELDS
+    for n in VARIANTS:
+        assert load_config(BASE_CONFIG, variant_overrides(n, CI, tmp_path, cpu)).distill.dm.guidance == [
+            2.0,
+            2.0,
+        ]
+    ranged = build_preset(parse_args(["--dm-guidance", "2", "8"]), "ci")
+    assert ranged.dm_guidance == (2.0, 8.0)
+    cfg = load_config(BASE_CONFIG, variant_overrides("senseflow", ranged, tmp_path, cpu))
+    assert cfg.distill.dm.guidance == [2.0, 8.0]
+    assert build_preset(parse_args(["--dm-guidance", "3"]), "ci").dm_guidance == (3.0, 3.0)
+    for bad, message in ((["8", "2"], "need 0 <= LO <= HI"), (["1", "2", "3"], "one scale or LO HI")):
+        with pytest.raises(SenseFlowError, match=f"--dm-guidance: {message}"):
+            build_preset(parse_args(["--dm-guidance", *bad]), "ci")
+    with pytest.raises(SenseFlowError, match=re.escape("use its options (") + ".*--dm-guidance"):
+        build_preset(parse_args(["--set", "distill.dm.guidance=[1.0,1.0]"]), "ci")
+    # a run folder written before the field existed ran U(2, 8): it matches that, not today's default
+    old = CI.to_dict()
+    del old["dm_guidance"]
+    (tmp_path / "preset.json").write_text(json.dumps(old))
+    check_preset(tmp_path, ranged.to_dict())
+    with pytest.raises(SenseFlowError, match="other settings"):
+        check_preset(tmp_path, CI.to_dict())
+    # --reuse of that run: every finished stage but the teacher at its (other) guidance
+    baselines = [f"eval/{m}" for m in methods(CI) if m not in VARIANTS]
+    for name in (*SHARED_STAGES, *baselines):
+        write_json_atomic(tmp_path / name / ".done.json", {"seconds": 1.0})
+    copied = reuse_stages(tmp_path, tmp_path / "at_2", CI)
+    assert copied == [*SHARED_STAGES, *(b for b in baselines if b != "eval/teacher_many_dm")]
+    assert reuse_stages(tmp_path, tmp_path / "at_2_8", ranged) == [*SHARED_STAGES, *baselines]
 
 
 def test_stage_time_counts_interrupted_attempts(tmp_path):

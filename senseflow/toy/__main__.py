@@ -72,6 +72,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "backbone, an ablation); a changed preset needs a new --out",
     )
     p.add_argument(
+        "--dm-guidance",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="SCALE",
+        help="the DM loss's teacher CFG scale (one value) or range LO HI, drawn per sample, instead of the "
+        "preset's 2 (SD3.5 Medium's recipe: 2 8); a changed preset needs a new --out (--reuse works)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=None,
@@ -87,8 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="a finished run's --out: copy its stages before distillation (data, teacher, evaluation "
         "networks, teacher baselines) when its preset differs at most in the distillation settings "
-        "(for sweeps of --distill-iters / --distill-lr / --distill-batch / --distill-warmup / --vfm-steps; the "
-        "backbone is rebuilt when it differs)",
+        "(for sweeps of --distill-iters / --distill-lr / --distill-batch / --distill-warmup / --dm-guidance / "
+        "--vfm-steps / --set; the backbone is rebuilt when it differs, the teacher at the DM guidance "
+        "evaluated again)",
     )
     p.add_argument(
         "--jobs",
@@ -146,9 +156,21 @@ def build_preset(args: argparse.Namespace, name: str) -> Preset:
             if not valid(value):
                 raise SenseFlowError(f"--{field.replace('_', '-')}: {rule}")
             preset = dataclasses.replace(preset, **{field: value})
+    if args.dm_guidance is not None:
+        preset = dataclasses.replace(preset, dm_guidance=check_guidance(args.dm_guidance))
     if args.overrides:
         preset = dataclasses.replace(preset, distill_overrides=check_overrides(preset, args.overrides))
     return preset
+
+
+def check_guidance(values: list[float]) -> tuple[float, float]:
+    """``--dm-guidance``: one scale or a range ``LO HI`` as ``(lo, hi)`` (``SenseFlowError`` if invalid)."""
+    if len(values) not in (1, 2):
+        raise SenseFlowError(f"--dm-guidance: one scale or LO HI, got {len(values)} values")
+    lo, hi = values[0], values[-1]
+    if not 0 <= lo <= hi:
+        raise SenseFlowError(f"--dm-guidance: need 0 <= LO <= HI, got {lo:g} {hi:g}")
+    return (lo, hi)
 
 
 def check_overrides(preset: Preset, overrides: list[str]) -> tuple[str, ...]:
@@ -166,7 +188,7 @@ def check_overrides(preset: Preset, overrides: list[str]) -> tuple[str, ...]:
         if key in managed:
             raise SenseFlowError(
                 f"--set {text}: the toy sets {key} itself (see the report's shared overrides); use its options "
-                "(--distill-iters, --distill-lr, --distill-batch, --distill-warmup)"
+                "(--distill-iters, --distill-lr, --distill-batch, --distill-warmup, --dm-guidance)"
             )
     for _, switches in VARIANTS.values():
         try:

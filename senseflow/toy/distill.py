@@ -1,7 +1,8 @@
 """Distillation runs of the toy benchmark: the real engine with the SD3.5 SenseFlow recipe.
 
 Every variant loads ``configs/SD35/sd35_senseflow.yaml`` and overrides only paths, sizes, the device and
-precision, the learning rate (the same for every variant) and the switches of the ablation:
+precision, the learning rate and the DM loss's guidance range (the toy teacher's, ``Preset.dm_guidance``;
+the same for every variant) and the switches of the ablation:
 
 ==================  ===================================================================================
 ``dmd``             vanilla DMD: ``distill.ida.enabled=false distill.isg.weight=0 distill.gan.weight=0``
@@ -53,6 +54,7 @@ def engine_overrides(preset: Preset, out: Path, device: torch.device) -> list[st
         else ["precision.compute=fp32", "precision.teacher=fp32"]
     )
     lr = preset.distill_lr
+    lo, hi = preset.dm_guidance
     compiled = preset.distill_compile and device.type == "cuda"
     return [
         f"recipe=toy_{preset.name}",
@@ -67,6 +69,7 @@ def engine_overrides(preset: Preset, out: Path, device: torch.device) -> list[st
         *precision,
         "precision.text_encoders=fp32",
         "precision.vae=fp32",
+        f"distill.dm.guidance=[{float(lo)},{float(hi)}]",
         f"lr_scheduler.warm_up_steps={preset.distill_warmup}",
         f"lr_scheduler.lr_start={lr / 10}",
         f"lr_scheduler.lr_max={lr}",

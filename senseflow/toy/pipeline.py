@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -14,13 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import load_config
 from ..stop import TrainingStopped
 from .data import images_to_tensor, load_split, make_split, save_split, write_engine_dataset
 from .distill import VARIANTS, checkpoints, run_variant
 from .presets import RESOLUTION, Preset
 from .stages import DONE, Stages, check_preset, read_done
-from .teacher import BASE_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -146,18 +143,16 @@ def stage_classifiers(d: Path, out: Path, preset: Preset, device: torch.device) 
     return {"steps": preset.classifier_steps, "heldout_accuracy_occupied_cells": acc}
 
 
-@functools.cache
-def dm_guidance() -> tuple[float, float]:
-    """The CFG range of the recipe's DM loss (``distill.dm.guidance``): the teacher the students learn from."""
-    lo, hi = load_config(BASE_CONFIG).distill.dm.guidance
-    return float(lo), float(hi)
+EVAL_FIELDS = {"teacher_many_dm": ("dm_guidance",)}
+"""Teacher baselines -> the distillation settings (``DISTILL_FIELDS``) their evaluation depends on."""
 
 
 def methods(preset: Preset, variants: Sequence[str] = tuple(VARIANTS)) -> dict[str, dict]:
     """The evaluated methods (the teacher baselines and the distillation ``variants``): name -> label,
     steps, network evaluations per image."""
     n, s = preset.teacher_many_steps, f"{preset.cfg_scale:g}"
-    lo, hi = dm_guidance()
+    lo, hi = preset.dm_guidance
+    dm = f"CFG {lo:g}" if lo == hi else f"CFG ~ U({lo:g}, {hi:g}) per prompt"
     table = {
         "real": {
             "label": "Real images (independent set; classifier on ground truth)",
@@ -167,7 +162,7 @@ def methods(preset: Preset, variants: Sequence[str] = tuple(VARIANTS)) -> dict[s
         "vae": {"label": "VAE reconstructions of the evaluation images", "steps": None, "nfe": None},
         "teacher_many": {"label": f"Teacher, {n} Euler steps, CFG {s}", "steps": n, "nfe": 2 * n},
         "teacher_many_dm": {
-            "label": f"Teacher, {n} Euler steps, CFG ~ U({lo:g}, {hi:g}) per prompt (the DM loss's guidance)",
+            "label": f"Teacher, {n} Euler steps, {dm} (the DM loss's guidance)",
             "steps": n,
             "nfe": 2 * n,
         },
@@ -222,7 +217,7 @@ def stage_eval(d: Path, method: str, out: Path, preset: Preset, get_ctx) -> dict
         shift = ctx.adapter.schedule.shift
         guided = {  # method -> Euler steps, CFG scale (or range)
             "teacher_many": (preset.teacher_many_steps, preset.cfg_scale),
-            "teacher_many_dm": (preset.teacher_many_steps, dm_guidance()),
+            "teacher_many_dm": (preset.teacher_many_steps, tuple(preset.dm_guidance)),
             "teacher_4": (4, preset.cfg_scale),
         }
         if method in guided:
@@ -444,8 +439,9 @@ def reuse_stages(src: Path, out: Path, preset: Preset) -> list[str]:
 
     ``src`` must have run a preset equal to ``preset`` in every field before distillation (it may differ
     in ``DISTILL_FIELDS``: iterations, batch, learning rate, ...) except the discriminator backbone's
-    (``BACKBONE_FIELDS``), which only cost the ``backbones`` stage: when they differ it runs again.
-    Stages already in ``out`` stay.
+    (``BACKBONE_FIELDS``), which only cost the ``backbones`` stage: when they differ it runs again, and
+    those a baseline's evaluation reads (``EVAL_FIELDS``: the teacher at the DM guidance), which is then
+    evaluated again. Stages already in ``out`` stay.
     """
     from ..errors import ConfigError
     from .presets import BACKBONE_FIELDS, DISTILL_FIELDS, with_defaults
@@ -472,7 +468,13 @@ def reuse_stages(src: Path, out: Path, preset: Preset) -> list[str]:
         )
     same_backbone = not differing(select(theirs, BACKBONE_FIELDS), select(ours, BACKBONE_FIELDS))
     stages = [s for s in SHARED_STAGES if same_backbone or s != "backbones"]
-    names = [*stages, *(f"eval/{m}" for m in methods(preset) if m not in VARIANTS)]
+    baselines = [
+        m
+        for m in methods(preset)
+        if m not in VARIANTS
+        and not differing(select(theirs, EVAL_FIELDS.get(m, ())), select(ours, EVAL_FIELDS.get(m, ())))
+    ]
+    names = [*stages, *(f"eval/{m}" for m in baselines)]
     copied = []
     for name in names:
         if read_done(src / name) is not None and read_done(out / name) is None:

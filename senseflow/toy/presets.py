@@ -31,6 +31,7 @@ DISTILL_FIELDS = (
     "distill_warmup",
     "distill_compile",
     "distill_overrides",
+    "dm_guidance",
 )
 
 
@@ -108,8 +109,16 @@ class Preset:
     ``DISTILL_FIELDS``: on the ``gpu`` preset it trained better teachers than eager mode (50-step FD 26 and 35
     against 70-80, loss 1.181 and 1.188 against 1.199) but, unlike eager mode, not the same one twice from
     the same seeds (README)."""
+    dm_guidance: tuple[float, float] = (2.0, 2.0)
+    """The DM loss's teacher CFG range ``[lo, hi]`` (``distill.dm.guidance``; ``--dm-guidance``), drawn per
+    sample. Like the real recipes (SD3.5 Medium U(2, 8), Large U(3, 10), SDXL 8, FLUX U(1, 8)), each
+    teacher has its own. For the toy's teacher, 2: on one H100 (2026-11-23, ``benchmarks/results/
+    toy_gpu_H100_guidance/``) the full recipe reached FD 1.13x the 50-step teacher's at 2, 1.23x at U(2, 4),
+    1.80x at SD3.5 Medium's U(2, 8) (1.51-2.59x over 17 sweep points of other keys) and 1.53x at 1 (no
+    CFG, 6.8 attribute points lower). Runs written before this field existed used U(2, 8)."""
     cfg_scale: float = 5.0
-    """CFG scale of the teacher baselines: the mean of the recipe's DM guidance range U(2, 8)."""
+    """CFG scale of the teacher baselines (the many-step and the undistilled 4-step teacher): the mean of
+    SD3.5 Medium's DM range U(2, 8). The report also has the many-step teacher at ``dm_guidance``."""
     grid_prompts: int = 16
     seed: int = 0
 
@@ -123,11 +132,16 @@ class Preset:
         return dataclasses.asdict(self)
 
 
+FORMER_VALUES = {"dm_guidance": (2.0, 8.0)}
+"""Fields added with a default that changed what a run does: the value runs written before them had."""
+
+
 def with_defaults(fields: dict) -> dict:
-    """A ``preset.json`` of an older run completed with the defaults of the fields added since (as JSON
-    values), so that it still compares equal to the same preset today."""
+    """A ``preset.json`` of an older run completed with the fields added since (as JSON values): their
+    defaults, or what those runs did (``FORMER_VALUES``), so that it compares equal to the same preset
+    today only if it ran the same settings."""
     defaults = {f.name: f.default for f in dataclasses.fields(Preset) if f.default is not dataclasses.MISSING}
-    return {**json.loads(json.dumps(defaults)), **fields}
+    return {**json.loads(json.dumps({**defaults, **FORMER_VALUES})), **fields}
 
 
 PRESETS: dict[str, Preset] = {
