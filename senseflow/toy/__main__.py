@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=list(PRESETS),
         default=None,
         help="ci: smoke test (about a minute on a CPU); cpu: real numbers on a 2-core CPU (~25 min); "
-        "gpu: the benchmark (11-12 min on one H100). "
+        "gpu: the benchmark (about 11 min on one H100). "
         "Default: gpu with CUDA, else cpu",
     )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")

@@ -16,7 +16,7 @@ import torch
 from ..stop import TrainingStopped
 from .data import images_to_tensor, load_split, make_split, save_split, write_engine_dataset
 from .distill import VARIANTS, checkpoints, run_variant
-from .presets import RESOLUTION, Preset
+from .presets import RESOLUTION, Preset, scale_label
 from .stages import DONE, Stages, check_preset, read_done
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def methods(preset: Preset, variants: Sequence[str] = tuple(VARIANTS)) -> dict[s
     steps, network evaluations per image."""
     n, s = preset.teacher_many_steps, f"{preset.cfg_scale:g}"
     lo, hi = preset.dm_guidance
-    dm = f"CFG {lo:g}" if lo == hi else f"CFG ~ U({lo:g}, {hi:g}) per prompt"
+    dm = f"CFG {scale_label(preset.dm_guidance)}" + ("" if lo == hi else " per prompt")
     table = {
         "real": {
             "label": "Real images (independent set; classifier on ground truth)",

@@ -1,6 +1,6 @@
 """Sizes of the toy benchmark: ``ci`` (smoke test, about a minute on a CPU), ``cpu`` (real numbers on a
-2-core CPU in about 25 minutes) and ``gpu`` (the benchmark of issue 9, 11-12 minutes on one H100: 10.7 by the
-log of a run stopped once, 11.9 by the report of another, 2026-11-23)."""
+2-core CPU in about 25 minutes) and ``gpu`` (the benchmark of issue 9, about 11 minutes on one H100: 10.7 by
+the log of a run stopped once, 11.9 and 11.2 by the reports of two others, 2026-11-23)."""
 
 from __future__ import annotations
 
@@ -130,6 +130,12 @@ class Preset:
     def to_dict(self) -> dict:
         """Plain dict (JSON)."""
         return dataclasses.asdict(self)
+
+
+def scale_label(guidance: tuple[float, float]) -> str:
+    """A CFG scale or range as the report writes it: ``2`` or ``U(2, 8)``."""
+    lo, hi = guidance
+    return f"{lo:g}" if lo == hi else f"U({lo:g}, {hi:g})"
 
 
 FORMER_VALUES = {"dm_guidance": (2.0, 8.0)}

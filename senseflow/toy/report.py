@@ -15,7 +15,7 @@ import torch
 from .distill import VARIANTS, engine_overrides
 from .evaluate import comparison_grid, load_images
 from .plot import plot_panels
-from .presets import PRESETS, RESOLUTION, T5_MAX_LENGTH, TEXT_WIDTHS, Preset
+from .presets import PRESETS, RESOLUTION, T5_MAX_LENGTH, TEXT_WIDTHS, Preset, scale_label
 from .stages import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -372,7 +372,8 @@ def _markdown(report: dict, preset: Preset, table: dict, results: dict, curve: d
         f"{preset.distill_iters} iterations (generator every "
         f"{preset.distill_iters // max(1, s['variants']['senseflow']['generator_updates'])}: "
         f"{s['variants']['senseflow']['generator_updates']} generator updates), batch {preset.distill_batch}, "
-        f"LR {preset.distill_lr:g} for every net and variant (warm-up {preset.distill_warmup}); the GAN's heads "
+        f"LR {preset.distill_lr:g} for every net and variant (warm-up {preset.distill_warmup}), the DM loss's "
+        f"teacher CFG {scale_label(preset.dm_guidance)} (the toy teacher's; SD3.5 Medium's recipe: U(2, 8)); the GAN's heads "
         "(trained) read the toy DINOv2 below and a tiny random CLIP text tower (`discriminator.c_dim=16`). "
         "Shared overrides:",
         "",
