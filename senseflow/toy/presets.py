@@ -111,7 +111,7 @@ class Preset:
     the same seeds (README)."""
     dm_guidance: tuple[float, float] = (2.0, 2.0)
     """The DM loss's teacher CFG range ``[lo, hi]`` (``distill.dm.guidance``; ``--dm-guidance``), drawn per
-    sample. Like the real recipes (SD3.5 Medium U(2, 8), Large U(3, 10), SDXL 8, FLUX U(1, 8)), each
+    sample. Like the real recipes (SD3.5 Medium U(2, 8), Large U(3, 10), SDXL 8; FLUX embeds U(1, 8)), each
     teacher has its own. For the toy's teacher, 2: on one H100 (2026-11-23, ``benchmarks/results/
     toy_gpu_H100_guidance/``) the full recipe reached FD 1.13x the 50-step teacher's at 2, 1.23x at U(2, 4),
     1.80x at SD3.5 Medium's U(2, 8) (1.51-2.59x over 17 sweep points of other keys) and 1.53x at 1 (no
