@@ -152,7 +152,8 @@ def methods(preset: Preset, variants: Sequence[str] = tuple(VARIANTS)) -> dict[s
     steps, network evaluations per image."""
     n, s = preset.teacher_many_steps, f"{preset.cfg_scale:g}"
     lo, hi = preset.dm_guidance
-    dm = f"CFG {scale_label(preset.dm_guidance)}" + ("" if lo == hi else " per prompt")
+    label = scale_label(preset.dm_guidance)
+    dm = f"CFG {label}" if lo == hi else f"CFG ~ {label} per prompt"
     table = {
         "real": {
             "label": "Real images (independent set; classifier on ground truth)",
