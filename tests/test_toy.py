@@ -444,12 +444,7 @@ def test_dm_guidance_option_sets_the_recipe_range_and_reevaluates_its_teacher(tm
     with pytest.raises(SenseFlowError, match=re.escape("use its options (") + ".*--dm-guidance"):
         build_preset(parse_args(["--set", "distill.dm.guidance=[1.0,1.0]"]), "ci")
     # a run folder written before the field existed ran U(2, 8): it matches that, not today's default
-    old = CI.to_dict()
-    del old["dm_guidance"]
-    (tmp_path / "preset.json").write_text(json.dumps(old))
-    check_preset(tmp_path, ranged.to_dict())
-    with pytest.raises(SenseFlowError, match="other settings"):
-        check_preset(tmp_path, CI.to_dict())
+    check_older_run_folder(tmp_path, "dm_guidance", matches=ranged, differs=CI)
     # --reuse of that run: every finished stage but the teacher at its (other) guidance
     baselines = [f"eval/{m}" for m in methods(CI) if m not in VARIANTS]
     for name in (*SHARED_STAGES, *baselines):
@@ -513,6 +508,17 @@ def test_distill_batch_option(tmp_path):
     assert reuse_stages(src, tmp_path / "batch", preset) == list(SHARED_STAGES)
 
 
+def check_older_run_folder(folder, field: str, matches, differs) -> None:
+    """A ``preset.json`` of the ``ci`` preset written before ``field`` existed, in ``folder``: ``check_preset``
+    accepts the preset ``matches`` and refuses ``differs``."""
+    old = CI.to_dict()
+    del old[field]
+    (folder / "preset.json").write_text(json.dumps(old))
+    check_preset(folder, matches.to_dict())
+    with pytest.raises(SenseFlowError, match="other settings"):
+        check_preset(folder, differs.to_dict())
+
+
 def test_set_option_overrides_the_recipe_for_every_variant(tmp_path):
     sets = ["--set", "distill.gan.weight=1", "--set", "distill.generator_period=5"]
     preset = build_preset(parse_args(["--preset", "ci", *sets]), "ci")
@@ -535,12 +541,7 @@ def test_set_option_overrides_the_recipe_for_every_variant(tmp_path):
         with pytest.raises(SenseFlowError, match=re.escape(message)):
             build_preset(parse_args(["--set", bad]), "ci")
     # a run folder from before the field existed still matches the same preset (the default fills in)
-    old = CI.to_dict()
-    del old["distill_overrides"]
-    (tmp_path / "preset.json").write_text(json.dumps(old))
-    check_preset(tmp_path, CI.to_dict())
-    with pytest.raises(SenseFlowError, match="other settings"):
-        check_preset(tmp_path, preset.to_dict())
+    check_older_run_folder(tmp_path, "distill_overrides", matches=CI, differs=preset)
 
 
 def test_teacher_compiles_the_trained_blocks_not_the_ema():

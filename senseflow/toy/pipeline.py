@@ -218,7 +218,7 @@ def stage_eval(d: Path, method: str, out: Path, preset: Preset, get_ctx) -> dict
         shift = ctx.adapter.schedule.shift
         guided = {  # method -> Euler steps, CFG scale (or range)
             "teacher_many": (preset.teacher_many_steps, preset.cfg_scale),
-            "teacher_many_dm": (preset.teacher_many_steps, tuple(preset.dm_guidance)),
+            "teacher_many_dm": (preset.teacher_many_steps, preset.dm_guidance),
             "teacher_4": (4, preset.cfg_scale),
         }
         if method in guided:
@@ -452,29 +452,23 @@ def reuse_stages(src: Path, out: Path, preset: Preset) -> list[str]:
     if not path.is_file():
         raise ConfigError(f"--reuse: {src} holds no toy run (no preset.json)")
 
-    def select(fields: dict, keys) -> dict:
-        return {k: v for k, v in fields.items() if k in keys}
-
-    def differing(theirs: dict, ours: dict) -> list[str]:
-        return sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-
     theirs = with_defaults(json.loads(path.read_text()))
     ours = json.loads(json.dumps(preset.to_dict()))  # tuples as JSON lists
+
+    def differing(keys) -> list[str]:
+        """The fields among ``keys`` whose values differ between the two presets."""
+        return sorted(k for k in keys if ours.get(k) != theirs.get(k))
+
     shared = [k for k in ours.keys() | theirs.keys() if k not in DISTILL_FIELDS and k not in BACKBONE_FIELDS]
-    differ = differing(select(theirs, shared), select(ours, shared))
+    differ = differing(shared)
     if differ:
         raise ConfigError(
             f"--reuse: {src} ran other settings before distillation ({', '.join(differ)}); only "
             f"{', '.join((*DISTILL_FIELDS, *BACKBONE_FIELDS))} may differ"
         )
-    same_backbone = not differing(select(theirs, BACKBONE_FIELDS), select(ours, BACKBONE_FIELDS))
+    same_backbone = not differing(BACKBONE_FIELDS)
     stages = [s for s in SHARED_STAGES if same_backbone or s != "backbones"]
-    baselines = [
-        m
-        for m in methods(preset)
-        if m not in VARIANTS
-        and not differing(select(theirs, EVAL_FIELDS.get(m, ())), select(ours, EVAL_FIELDS.get(m, ())))
-    ]
+    baselines = [m for m in methods(preset) if m not in VARIANTS and not differing(EVAL_FIELDS.get(m, ()))]
     names = [*stages, *(f"eval/{m}" for m in baselines)]
     copied = []
     for name in names:
