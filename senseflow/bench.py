@@ -48,6 +48,7 @@ import tempfile
 import textwrap
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -516,11 +517,21 @@ def phase_peaks(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def run_benchmark(
-    engine, warmup: int, iters: int, flops: bool = True, profile_dir: Path | None = None
+    engine,
+    warmup: int,
+    iters: int,
+    flops: bool = True,
+    profile_dir: Path | None = None,
+    on_window: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Warm-up, the timed window, the optional profile of one other and one generator iteration after it,
     and the FLOP count (collective: every rank calls it); rank-local results plus the gathered per-rank
-    memory and FLOPs."""
+    memory and FLOPs.
+
+    ``on_window`` receives the results without FLOPs before the count starts (the count replays a TTUR
+    period eagerly and can fail where the timed window fit, e.g. out of GPU memory). In a single process
+    a count that runs out of memory is logged and skipped (``flops_error``); with several ranks it
+    raises, since the other ranks wait in a collective."""
     device, period = engine.device, engine.d.generator_period
     measured = math.ceil(iters / period) * period
     k0 = max(1, period - warmup + 1)  # the warm-up ends with the generator iteration k = P
@@ -579,19 +590,36 @@ def run_benchmark(
         ks = [window_ks[-1] + 1, window_ks[-1] + period]
         profiled = profile_iterations(engine, ks, [next(loader) for _ in ks], profile_dir)
 
-    flop_records = None
-    if flops:
-        t0 = time.perf_counter()
-        flop_records = _gather(count_flops(engine, window_ks[:period], replay_batches, rng_state))
-        logger.info("FLOP count of %d replayed iterations in %.1fs", period, time.perf_counter() - t0)
-    return {
+    raw = {
         "period": period,
         "warmup_ks": warm_ks,
         "records": records,
         "memory": memory,
-        "flops": flop_records,
+        "flops": None,
         "profile": profiled,
     }
+    if not flops:
+        return raw
+    if on_window is not None:
+        on_window({**raw, "flops_error": "pending: the FLOP count had not finished"})
+    t0 = time.perf_counter()
+    try:
+        raw["flops"] = _gather(count_flops(engine, window_ks[:period], replay_batches, rng_state))
+    except torch.OutOfMemoryError as err:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            raise
+        first = str(err).strip().splitlines()[0][:200]
+        raw["flops_error"] = f"out of GPU memory in the eager replay ({first})"
+        logger.error(
+            "FLOP count failed: %s; the timed results stand, without MFU (--no-flops skips the count; "
+            "a GPU with more memory can count it)",
+            raw["flops_error"],
+        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return raw
+    logger.info("FLOP count of %d replayed iterations in %.1fs", period, time.perf_counter() - t0)
+    return raw
 
 
 # --------------------------------------------------------------------------------------------------
@@ -740,6 +768,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         out["profile"] = raw["profile"]
     if raw["flops"] is not None:
         out["flops"] = summarize_flops(raw["flops"])
+    elif raw.get("flops_error"):
+        out["flops_error"] = raw["flops_error"]
     return out
 
 
@@ -853,6 +883,8 @@ def format_result(r: dict[str, Any]) -> str:
             f"incl. recomputation; generator iteration {_fmt((f['model_per_generator_iter'] or 0) / 1e12)}, "
             f"other {_fmt((f['model_per_other_iter'] or 0) / 1e12)}). {rate}"
         )
+    elif r.get("flops_error"):
+        lines.append(f"TFLOP/it and MFU: n/a, no FLOP count ({r['flops_error']}).")
     if r.get("phases"):
         # per-phase peaks are known when any phase has one (not on a CPU, nor in results from before them)
         known = any(
@@ -1182,38 +1214,59 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any] | None:
         t0 = time.perf_counter()
         engine = Engine(cfg, info, save_dir)
         build_s = time.perf_counter() - t0
-        raw = run_benchmark(engine, args.warmup, args.iters, flops=not args.no_flops, profile_dir=profile_dir)
+
+        def make_result(raw: dict[str, Any]) -> dict[str, Any]:
+            """Metadata, :func:`summarize` of ``raw`` and the rates."""
+            r = RECIPES[args.recipe]
+            result: dict[str, Any] = {
+                "schema": SCHEMA,
+                "source": "python -m senseflow.bench",
+                "recipe": args.recipe,
+                "config_recipe": cfg.recipe,
+                "tiny": args.tiny,
+                "config": str(cfg_file.relative_to(REPO)),
+                "arch": None if args.tiny else r.arch,
+                "launcher": r.launcher,
+                "overrides": overrides,
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "torch": torch.__version__,
+                "device_type": info.device.type,
+                "device_name": name,
+                "world_size": info.world_size,
+                "resolution": cfg.train.resolution,
+                "batch_size_per_gpu": cfg.train.batch_size,
+                "precision": {"compute": cfg.precision.compute, "master": cfg.precision.master},
+                "warmup": args.warmup,
+                "iters_requested": args.iters,
+                "text_embeddings": "precomputed" if args.text_embeddings else "encoded",
+                "build_seconds": build_s,
+                **summarize(raw),
+            }
+            add_rates(result, peak)
+            return result
+
+        def write_partial(raw: dict[str, Any]) -> None:
+            if info.is_main and args.out:
+                write_result(args.out, make_result(raw))
+                logger.info("wrote the timed results to %s; the FLOP count follows", args.out)
+
+        raw = run_benchmark(
+            engine,
+            args.warmup,
+            args.iters,
+            flops=not args.no_flops,
+            profile_dir=profile_dir,
+            on_window=write_partial,
+        )
     finally:
         shutil.rmtree(save_dir, ignore_errors=True)
-    if not info.is_main:
-        return None
-    r = RECIPES[args.recipe]
-    result: dict[str, Any] = {
-        "schema": SCHEMA,
-        "source": "python -m senseflow.bench",
-        "recipe": args.recipe,
-        "config_recipe": cfg.recipe,
-        "tiny": args.tiny,
-        "config": str(cfg_file.relative_to(REPO)),
-        "arch": None if args.tiny else r.arch,
-        "launcher": r.launcher,
-        "overrides": overrides,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "device_type": info.device.type,
-        "device_name": name,
-        "world_size": info.world_size,
-        "resolution": cfg.train.resolution,
-        "batch_size_per_gpu": cfg.train.batch_size,
-        "precision": {"compute": cfg.precision.compute, "master": cfg.precision.master},
-        "warmup": args.warmup,
-        "iters_requested": args.iters,
-        "text_embeddings": "precomputed" if args.text_embeddings else "encoded",
-        "build_seconds": build_s,
-        **summarize(raw),
-    }
-    add_rates(result, peak)
-    return result
+    return make_result(raw) if info.is_main else None
+
+
+def write_result(path: str | os.PathLike, result: dict[str, Any]) -> None:
+    """The result JSON at ``path`` (parents created)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1237,8 +1290,7 @@ def main(argv: list[str] | None = None) -> int:
         result = benchmark(args)
         if result is not None:
             if args.out:
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+                write_result(args.out, result)
             emit(format_result(result))
             if result.get("flops"):
                 emit("\n" + textwrap.fill(f"FLOPs: {FLOPS_CONVENTION}", 110))

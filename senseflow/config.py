@@ -338,13 +338,13 @@ class OptimizerConfig:
     second with a slow stretch of other iterations) against 1.14 in line, peak 56.1 GiB in the generator's
     GAN term against 54.8. An earlier version that copied the ~1,800 state tensors one by one on the side
     stream was slower than in line (``benchmarks/NOTES.md``)."""
-    offload_step_chunks: int = 4
+    offload_step_chunks: int = 8
     """With ``offload_generator_state`` or ``offload_fake_state=between_steps``: the net steps its
-    parameters in this many consecutive parts, each with only its own AdamW states on the GPU, so its
-    gradients and all its states are never on the GPU together (the step's extra memory shrinks from 8 to
-    8/chunks bytes per parameter and GPU). Same updates as one step; 1 loads all states at once. On 2 x
-    H200 (SD3.5 Medium, all memory options) the peak stayed at 46.4 GiB with 4 parts: that peak lies
-    outside the generator's optimiser step."""
+    parameters in this many consecutive parts of about equal size. Each part's AdamW states move as one
+    buffer; the next part is copied in while the current one steps and the previous one is copied out (on
+    a GPU: two side streams, so both directions of PCIe are used at once). At most two parts' states are
+    on the GPU with the gradients (2/chunks of 8 bytes per parameter and GPU): the gradients and all the
+    states are never on the GPU together. Same updates as one step; 1 loads all states at once."""
 
 
 @dataclass

@@ -8,17 +8,19 @@ each step and frees their device storage, and copies them back just before the n
 parameters at a time (``optimizer.offload_step_chunks``), so that the gradients and all the states are
 never on the device together.
 
-The state tensors stay the same objects: their storage is resized to zero bytes and back, the way FSDP2
-frees unsharded parameters, so the optimiser (fused kernel included), DTensor wrappers and checkpointing
-see no difference. Both copies are queued on the current stream without a host synchronisation: the
-stream orders them against the step, and a freed block is only reused by later work on that stream.
+The state tensors stay the same objects: their storage is resized to zero bytes and back (FSDP2 frees
+unsharded parameters the same way), and after the first round trip each part's states are views of one
+buffer (:class:`FlatStateParking`), so the optimiser (fused kernel included), DTensor wrappers and
+checkpointing see no difference, and each part moves with one copy per direction. On a GPU the copies
+run on two side streams, one per direction, ordered against the step by events, with no host
+synchronisation: the next part comes in while the current one steps and the previous one goes out.
+A device block is freed only once the copy reading it is done, in the current stream's order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Callable
 
 import torch
@@ -28,24 +30,43 @@ from .parallel import local_tensor
 logger = logging.getLogger(__name__)
 
 
-def _offloadable(t: torch.Tensor) -> bool:
-    """A plain, dense tensor that owns all of its storage (not a step counter, not a quantised subclass)."""
-    return (
-        type(t) is torch.Tensor
-        and t.numel() > 1
-        and t.is_contiguous()
-        and t.storage_offset() == 0
-        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
-    )
+def _split_by_size(params: list[torch.Tensor], parts: int) -> list[list[torch.Tensor]]:
+    """``params`` grouped by dtype (a part's states share one buffer), each group cut into consecutive runs
+    of about equal element counts: ``parts`` runs in all, give or take one per dtype, none empty."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault(p.dtype, []).append(p)
+    total = sum(p.numel() for p in params) or 1
+    out = []
+    for group in groups.values():
+        size = sum(p.numel() for p in group)
+        n = min(len(group), max(1, round(parts * size / total)))
+        runs: list[list[torch.Tensor]] = [[]]
+        done = 0
+        for i, p in enumerate(group):
+            runs[-1].append(p)
+            done += p.numel()
+            # cut where the runs so far reach their share, keeping a parameter for each run still to come
+            left, needed = len(group) - i - 1, n - len(runs)
+            if 0 < needed <= left and (done * n >= size * len(runs) or left == needed):
+                runs.append([])
+        out.extend(r for r in runs if r)
+    return out
 
 
 class StateOffload:
     """Moves an optimiser's state tensors to host memory (:meth:`offload`) and back (:meth:`load`), and
     steps the optimiser a part of its parameters at a time (:meth:`step`).
 
+    The parameters are cut into ``chunks`` parts of about equal size; each part's states move as one
+    buffer (:class:`FlatStateParking`: one copy per direction, views keep the tensors' identity). With
+    CUDA streams (``pin``) loads run on one side stream and offloads on another, so that :meth:`step`
+    copies the next part in while the current part steps and the previous one is copied out (PCIe moves
+    both directions at once).
+
     Args:
         opt: the optimiser; its states may be created or replaced at any time (first step, resume).
-        pin: page-locked host buffers, for asynchronous copies (CUDA).
+        pin: page-locked host buffers and side streams, for asynchronous copies (CUDA).
         label: names the optimiser in the log line of the first offload.
         when: says in that line when the states are away.
         chunks: parts of the parameters :meth:`step` updates one after the other.
@@ -65,95 +86,92 @@ class StateOffload:
         self.when = when
         self.chunks = chunks
         self._announced = False
-        self._host: dict[tuple[int, str], torch.Tensor] = {}  # (parameter index, state key) -> buffer
-        self._away: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # -> (device tensor, host)
+        self._streams = (None, None)
+        self._parts: list[FlatStateParking] = []
+        self._key: tuple[int, ...] = ()
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.opt.param_groups for p in group["params"]]
 
-    def _indices(self, params: list[torch.Tensor] | None) -> set[int] | None:
-        """Positions of ``params`` among the optimiser's parameters (None: all)."""
-        if params is None:
-            return None
-        wanted = {id(p) for p in params}
-        return {i for i, p in enumerate(self._params()) if id(p) in wanted}
-
-    def _state_tensors(self, indices: set[int] | None):
-        for i, p in enumerate(self._params()):
-            if indices is not None and i not in indices:
-                continue
-            for key, value in self.opt.state.get(p, {}).items():
-                local = local_tensor(value) if isinstance(value, torch.Tensor) else None
-                if local is not None and _offloadable(local):
-                    yield (i, key), local
+    def parts(self) -> list[FlatStateParking]:
+        """One parking per part of the optimiser's parameters (made again if those changed)."""
+        params = self._params()
+        key = tuple(id(p) for p in params)
+        if key != self._key:
+            if self.pin and self._streams[0] is None:
+                device = next((p.device for p in params if p.device.type == "cuda"), None)
+                if device is not None:
+                    self._streams = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+            load, offload = self._streams
+            self._parts = [
+                FlatStateParking(self.opt, self.pin, stream=load, offload_stream=offload, params=part)
+                for part in _split_by_size(params, self.chunks)
+            ]
+            self._key = key
+        return self._parts
 
     @property
     def offloaded_bytes(self) -> int:
         """Device bytes currently held on the host."""
-        return sum(t.numel() * t.element_size() for t, _ in self._away.values())
+        return sum(part.offloaded_bytes for part in self._parts)
 
-    @torch.no_grad()
-    def offload(self, params: list[torch.Tensor] | None = None) -> None:
-        """Copy the state tensors (of ``params``, default all) to their host buffers and free their device
-        storage; states already away stay as they are."""
-        for key, t in self._state_tensors(self._indices(params)):
-            away = self._away.get(key)
-            if away is not None and away[0] is t:
-                continue
-            host = self._host.get(key)
-            if host is None or host.shape != t.shape or host.dtype != t.dtype:
-                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
-                self._host[key] = host
-            host.copy_(t, non_blocking=self.pin)
-            t.untyped_storage().resize_(0)
-            self._away[key] = (t, host)
-        if params is None:
-            self._announce()
+    def offload(self) -> None:
+        """Copy every state to the host and free its device memory; states already away stay as they are."""
+        parts = self.parts()
+        for part in parts:
+            part.offload()
+        for part in parts:
+            part.release()
+        self._announce()
+
+    def load(self) -> None:
+        """Give the offloaded states their device memory back and their values (waited for)."""
+        parts = self.parts()
+        for part in parts:
+            part.load()
+        for part in parts:
+            part.ready()
 
     def _announce(self) -> None:
         """Log, once, how much is held on the host (after the first offload of all states)."""
-        if self._away and not self._announced:
+        if self.offloaded_bytes and not self._announced:
             self._announced = True
             logger.info(
                 "%s optimiser states: %.2f GiB on this device moved to host memory %s%s",
                 self.label,
                 self.offloaded_bytes / 2**30,
                 self.when,
-                f" (stepped in {self.chunks} parts)" if self.chunks > 1 else "",
+                f" (stepped in {len(self._parts)} parts)" if len(self._parts) > 1 else "",
             )
 
-    @torch.no_grad()
-    def load(self, params: list[torch.Tensor] | None = None) -> None:
-        """Give the offloaded tensors (of ``params``, default all) their device storage back and copy
-        their values in."""
-        indices = self._indices(params)
-        for key in [k for k in self._away if indices is None or k[0] in indices]:
-            t, host = self._away.pop(key)
-            t.untyped_storage().resize_(t.numel() * t.element_size())
-            t.copy_(host, non_blocking=self.pin)
-
     def step(self, step_fn: Callable[[], None]) -> None:
-        """Update the parameters with gradients in ``chunks`` consecutive parts, each with only its own
-        states on the device: its states are loaded, ``step_fn`` (the optimiser's step) runs while the
-        other parts' gradients are set aside (optimisers skip parameters without gradient), its states
-        go back to the host. The states on the device at once shrink ``chunks`` times; the updates are
-        those of one step over all parameters (AdamW updates each parameter from its own state). The
-        gradients are restored afterwards. A first step creates each part's states in its turn."""
-        params = [p for p in self._params() if p.grad is not None]
+        """Update the parameters with gradients part by part: a part's states are loaded, ``step_fn`` (the
+        optimiser's step) runs while the other parts' gradients are set aside (optimisers skip parameters
+        without gradient), its states go back to the host. The next part is loaded before the current one
+        steps, so at most two parts' states are on the device at once; the updates are those of one step
+        over all parameters (AdamW updates each parameter from its own state). The gradients are restored
+        afterwards. A first step creates each part's states in its turn."""
+        parts = self.parts()
+        params = self._params()
         grads = [p.grad for p in params]
-        size = math.ceil(len(params) / max(1, self.chunks)) or 1
+        grad_of = {id(p): g for p, g in zip(params, grads)}
         try:
             for p in params:
                 p.grad = None
-            for start in range(0, len(params), size):
-                part = params[start : start + size]
-                for p, g in zip(part, grads[start : start + size]):
-                    p.grad = g
-                self.load(part)
+            parts[0].load()
+            for i, part in enumerate(parts):
+                if i > 0:
+                    parts[i - 1].release()  # its copy out ran beside this part's copy in
+                if i + 1 < len(parts):
+                    parts[i + 1].load()  # beside this part's step and copy out
+                part.ready()
+                for p in part.params:
+                    p.grad = grad_of[id(p)]
                 step_fn()
-                self.offload(part)
-                for p in part:
+                part.offload()
+                for p in part.params:
                     p.grad = None
+            parts[-1].release()
         finally:
             for p, g in zip(params, grads):
                 p.grad = g
@@ -166,24 +184,28 @@ class _SideStreamCopies:
     queued on the current stream and :meth:`ready` is a no-op."""
 
     stream = None
-    _copied = None
+    _copied = None  # (device, event) of the last queued copy
 
-    def _side(self):
-        """Context of the copies: the side stream, once it waits for the current stream, or nothing."""
-        if self.stream is None:
+    def _side(self, stream=None):
+        """Context of the copies: the side stream (``stream``, default :attr:`stream`), once it waits for
+        the current stream, or nothing."""
+        stream = stream if stream is not None else self.stream
+        if stream is None:
             return contextlib.nullcontext()
-        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-        return torch.cuda.stream(self.stream)
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
+        return torch.cuda.stream(stream)
 
-    def _record(self) -> None:
-        """Remember the side stream's copies queued so far (for :meth:`ready`)."""
-        if self.stream is not None:
-            self._copied = self.stream.record_event()
+    def _record(self, stream=None) -> None:
+        """Remember the copies queued so far on the side stream (for :meth:`ready`)."""
+        stream = stream if stream is not None else self.stream
+        if stream is not None:
+            self._copied = (stream.device, stream.record_event())
 
     def ready(self) -> None:
-        """Make the current stream wait for the side stream's copies so far (no-op without one)."""
+        """Make the current stream wait for the last side-stream copy (no-op without one)."""
         if self._copied is not None:
-            torch.cuda.current_stream(self.stream.device).wait_event(self._copied)
+            device, event = self._copied
+            torch.cuda.current_stream(device).wait_event(event)
             self._copied = None
 
 
@@ -252,8 +274,8 @@ class ModuleParking(_SideStreamCopies):
 
 
 class FlatStateParking(_SideStreamCopies):
-    """All optimiser states of one dtype moved to host memory and back as one buffer
-    (``optimizer.offload_fake_state=generator_step``).
+    """All optimiser states of one dtype (of ``params``, default all) moved to host memory and back as
+    one buffer (``optimizer.offload_fake_state=generator_step``; each part of :class:`StateOffload`).
 
     The first :meth:`offload` copies each state tensor into its slice of one pinned host buffer and frees
     it; :meth:`load` then allocates one device buffer, makes every state tensor a view of its slice
@@ -264,13 +286,25 @@ class FlatStateParking(_SideStreamCopies):
     overlap compute: :meth:`offload` keeps the device buffer until :meth:`release` (the current stream
     waits for the copy, then frees it) and :meth:`ready` makes the current stream wait for :meth:`load`'s
     copy. Without a stream both copies are queued on the current stream and :meth:`offload` frees at once.
+    ``offload_stream`` takes the copies to the host instead of ``stream``, so that a load and an offload
+    (of two parkings) run at once. An empty ``label`` logs nothing.
     """
 
-    def __init__(self, opt: torch.optim.Optimizer, pin: bool, label: str = "", stream=None) -> None:
+    def __init__(
+        self,
+        opt: torch.optim.Optimizer,
+        pin: bool,
+        label: str = "",
+        stream=None,
+        offload_stream=None,
+        params: list[torch.Tensor] | None = None,
+    ) -> None:
         self.opt = opt
         self.pin = pin
         self.label = label
         self.stream = stream
+        self.offload_stream = offload_stream if offload_stream is not None else stream
+        self.params = params
         self._layout: list[tuple[torch.Tensor, int]] = []  # (state tensor, offset in elements)
         self._host: torch.Tensor | None = None
         self._flat: torch.Tensor | None = None  # the device buffer the states view (storage freed when away)
@@ -279,13 +313,16 @@ class FlatStateParking(_SideStreamCopies):
         self.away = False
 
     def _states(self) -> list[torch.Tensor]:
+        if self.params is None:
+            params = [p for group in self.opt.param_groups for p in group["params"]]
+        else:
+            params = self.params
         out = []
-        for group in self.opt.param_groups:
-            for p in group["params"]:
-                for value in self.opt.state.get(p, {}).values():
-                    local = local_tensor(value) if isinstance(value, torch.Tensor) else None
-                    if local is not None and type(local) is torch.Tensor and local.numel() > 1:
-                        out.append(local)
+        for p in params:
+            for value in self.opt.state.get(p, {}).values():
+                local = local_tensor(value) if isinstance(value, torch.Tensor) else None
+                if local is not None and type(local) is torch.Tensor and local.numel() > 1:
+                    out.append(local)
         return out
 
     def _viewing_flat(self, states: list[torch.Tensor]) -> bool:
@@ -321,17 +358,17 @@ class FlatStateParking(_SideStreamCopies):
                 self._layout.append((t, offset))
                 offset += t.numel()
             self._flat = None
-        with self._side():
+        with self._side(self.offload_stream):
             if flat:
                 self._host.copy_(self._flat, non_blocking=self.pin)
             else:
                 for t, offset in self._layout:
                     self._host[offset : offset + t.numel()].copy_(t.view(-1), non_blocking=self.pin)
-        self._record()
+        self._record(self.offload_stream)
         self._pending, self.away = True, True
-        if self.stream is None:
+        if self.offload_stream is None:
             self.release()
-        if not self._announced:
+        if self.label and not self._announced:
             self._announced = True
             logger.info(
                 "%s optimiser states: %.2f GiB on this device moved to host memory during generator steps%s",

@@ -632,3 +632,37 @@ def test_plan_replicated_runs_do_not_shrink_with_gpus():
     (row,) = rows
     assert row["sharded_gib"] == 0 and row["replicated_gib"] == 57.0 and "model.fsdp=never" in row["basis"]
     assert row["fits"][80.0]["gpus"] == 1 and row["fits"][48.0]["gpus"] is None
+
+
+def test_flop_count_out_of_memory_keeps_the_timed_results(tiny_cache, tmp_path, monkeypatch, capsys):
+    """The FLOP count replays a period eagerly after the window; a replay that runs out of GPU memory
+    (as on an 80 GB H100 at full size) must not lose the measured iterations: the JSON is written before
+    the count, and the single-process run ends with the timings and no MFU."""
+    from senseflow import bench as bench_mod
+
+    out = tmp_path / "result.json"
+    seen = {}
+
+    def out_of_memory(*args, **kwargs):
+        seen["partial"] = json.loads(out.read_text())
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 48.00 MiB.")
+
+    monkeypatch.setattr(bench_mod, "count_flops", out_of_memory)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        args = ["--recipe", "sdxl_dmd2", "--tiny", "--iters", "2", "--warmup", "1", "--out", str(out)]
+        assert bench_mod.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    partial, result = seen["partial"], json.loads(out.read_text())
+    assert partial["flops_error"].startswith("pending") and "flops" not in partial
+    assert partial["sec_per_iter"]["mean"] > 0 and partial["iters"] == 5
+    assert result["sec_per_iter"] == partial["sec_per_iter"] and result["phases"] == partial["phases"]
+    assert "flops" not in result and result["mfu"] is None
+    assert result["flops_error"].startswith("out of GPU memory in the eager replay (CUDA out of memory.")
+    stdout = capsys.readouterr().out
+    assert "TFLOP/it and MFU: n/a, no FLOP count (out of GPU memory" in stdout
+    (row,) = table_rows(stdout, TABLE_COLUMNS)
+    cells = dict(zip(TABLE_COLUMNS, row))
+    assert cells["TFLOP/it"] == "n/a" and float(cells["s/it mean"]) > 0

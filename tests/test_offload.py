@@ -14,6 +14,8 @@ from senseflow.parallel import local_tensor
 
 from .test_engine import TINY, _losses, _metrics, make_engine
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device machine)")
+
 
 def _adamw(model, fused: bool = False):
     return torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False, fused=fused)
@@ -63,20 +65,30 @@ def test_offload_round_trip_keeps_the_updates():
 
 
 def _resident_state_bytes(opt) -> int:
-    return sum(
-        v.untyped_storage().nbytes() for st in opt.state.values() for v in st.values() if v.numel() > 1
-    )
+    """Device bytes under the states (each storage once: after a round trip a part's states view one)."""
+    storages = {
+        v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
+        for st in opt.state.values()
+        for v in st.values()
+        if v.numel() > 1 and v.untyped_storage().nbytes()
+    }
+    return sum(storages.values())
 
 
-def test_chunked_step_keeps_the_updates_with_a_part_of_the_states_on_the_device():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_chunked_step_keeps_the_updates_with_a_part_of_the_states_on_the_device(device):
     """``step`` in 3 parts: the updates and states of one step over all parameters (first step included),
-    at most one part's states on the device during each partial step, the gradients back afterwards."""
+    the next part's states loaded while a part steps (at most two parts on the device), earlier parts
+    away, the gradients back afterwards. On a GPU the copies run on two side streams (fused AdamW)."""
     torch.manual_seed(0)
     ref = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
     off = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
     off.load_state_dict(ref.state_dict())
-    opt_ref, opt_off = _adamw(ref), _adamw(off)
-    offload = StateOffload(opt_off, pin=False, chunks=3)
+    ref.to(device)
+    off.to(device)
+    cuda = device == "cuda"
+    opt_ref, opt_off = _adamw(ref, fused=cuda), _adamw(off, fused=cuda)
+    offload = StateOffload(opt_off, pin=cuda, chunks=3)
     total = 2 * sum(p.numel() for p in off.parameters()) * 4
     resident: list[int] = []
 
@@ -88,12 +100,15 @@ def test_chunked_step_keeps_the_updates_with_a_part_of_the_states_on_the_device(
     for k in range(3):
         for model in (ref, off):
             g = torch.Generator().manual_seed(k)
-            model(torch.randn(8, 16, generator=g)).square().mean().backward()
+            model(torch.randn(8, 16, generator=g).to(device)).square().mean().backward()
         opt_ref.step()
         grads = [p.grad for p in off.parameters()]
         resident.clear()
         offload.step(step)
-        assert len(resident) == 6 and max(resident) <= total // 3, resident
+        if k == 0:  # the first step creates each part's states in its turn
+            assert resident == [0, total // 3, 0, total // 3, 0, total // 3], resident
+        else:
+            assert resident == [2 * total // 3] * 4 + [total // 3] * 2, resident
         assert all(p.grad is g for p, g in zip(off.parameters(), grads))  # restored, same objects
         assert offload.offloaded_bytes == total
         opt_ref.zero_grad(set_to_none=True)
@@ -103,6 +118,22 @@ def test_chunked_step_keeps_the_updates_with_a_part_of_the_states_on_the_device(
     for p_ref, p_off in zip(ref.parameters(), off.parameters()):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(opt_ref.state[p_ref][key], opt_off.state[p_off][key])
+
+
+def test_parts_are_consecutive_of_about_equal_size_and_one_dtype():
+    from senseflow.offload import _split_by_size
+
+    def sizes(params, parts):
+        return [[p.numel() for p in run] for run in _split_by_size(params, parts)]
+
+    ps = [torch.zeros(n) for n in (100, 1, 1, 100, 1, 100)]
+    assert sizes(ps, 1) == [[100, 1, 1, 100, 1, 100]]
+    assert sizes(ps, 3) == [[100, 1], [1, 100], [1, 100]]
+    assert sizes(ps, 8) == [[100], [1], [1], [100], [1], [100]]  # never more parts than parameters
+    assert sizes([torch.zeros(1000)] + [torch.zeros(1)] * 5, 3) == [[1000], [1], [1, 1, 1, 1]]
+    mixed = [torch.zeros(100), torch.zeros(100, dtype=torch.bfloat16), torch.zeros(100), torch.zeros(100)]
+    runs = _split_by_size(mixed, 2)  # a part's states share one buffer: one dtype per part
+    assert [[p.dtype for p in r] for r in runs] == [[torch.float32] * 2, [torch.float32], [torch.bfloat16]]
 
 
 def test_replaced_states_are_not_overwritten():
@@ -150,9 +181,9 @@ def test_engine_trains_the_same_and_resumes(tiny_cache, tmp_path, caplog):
             "optimizer.offload_fake_state=between_steps",
         )
         off.train()
-    # logged once, after the whole first step (all parts), with the default 4 parts
+    # logged once, after the whole first step (all parts), with the default 8 parts
     (logged,) = [m for m in caplog.messages if "generator optimiser states" in m]
-    assert "stepped in 4 parts" in logged
+    assert "stepped in 8 parts" in logged
     assert f"{off.G.offload.offloaded_bytes / 2**30:.2f} GiB" in logged
     assert off.G.offload.offloaded_bytes == 8 * sum(p.numel() for p in off.G.params)
     # the rank-local tensors (DTensor shards under FSDP2) hold no storage
@@ -175,9 +206,6 @@ def test_engine_trains_the_same_and_resumes(tiny_cache, tmp_path, caplog):
     # offloaded again after the resume and each step
     assert resumed.G.offload.offloaded_bytes > 0 and resumed.F.offload.offloaded_bytes > 0
     _assert_trained_alike(tmp_path, plain, "split", resumed)
-
-
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device machine)")
 
 
 def _tiny_engine(path, device: str, *overrides: str):
