@@ -1156,7 +1156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--show", nargs="*", help="print the tables of result JSONs (default: the shipped ones)")
     p.add_argument("overrides", nargs="*", help="extra config overrides key=value (applied last)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may follow overrides (BENCH_EXTRA)
     if not args.plan and args.show is None and not args.recipe:
         p.error("--recipe is required (or --plan / --show)")
     if args.iters < 1 or args.warmup < 0:

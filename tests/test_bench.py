@@ -178,7 +178,9 @@ def test_plan_shipped_results(tiny_cache):
     shipped = {json.loads(p.read_text())["recipe"] for p in (REPO / "benchmarks" / "results").glob("*.json")}
     assert {"sd35_medium", "sd35_large", "sdxl", "sdxl_dmd2"} <= shipped
     rows = {row[0]: row for row in table_rows(r.stdout, tuple(_plan_header(r.stdout)))}
-    assert {name.split(" [")[0] for name in rows} == shipped
+    assert {name.split(" [")[0].split(" ")[0] for name in rows} == shipped
+    # runs at another batch size per GPU get rows of their own
+    assert "sd35_medium 1024px x2" in {name.split(" [")[0] for name in rows}
     # runs with memory-changing overrides get rows of their own, out of the default's fit
     lean = "sd35_medium [model.shard_text_encoders=true, optimizer.name=adamw8bit]"
     assert rows[lean][1] == "2: 42.3" and "42.3" not in rows["sd35_medium"][1]
@@ -666,3 +668,12 @@ def test_flop_count_out_of_memory_keeps_the_timed_results(tiny_cache, tmp_path, 
     (row,) = table_rows(stdout, TABLE_COLUMNS)
     cells = dict(zip(TABLE_COLUMNS, row))
     assert cells["TFLOP/it"] == "n/a" and float(cells["s/it mean"]) > 0
+
+
+def test_options_may_follow_overrides():
+    """``--no-flops`` after a config override (as ``tools/gpu_check.sh``'s BENCH_EXTRA may put it) is an
+    option, not an unrecognised argument."""
+    from senseflow.bench import parse_args
+
+    args = parse_args(["--recipe", "sd35_medium", "model.compile_blocks=true", "--no-flops", "train.seed=3"])
+    assert args.no_flops and args.overrides == ["model.compile_blocks=true", "train.seed=3"]
