@@ -17,9 +17,10 @@
 #                    and the images/s ratio (issue 8's 2-vs-1 goal; ~8 minutes on 2 x H200)
 # infer_<recipe>     `python -m senseflow.bench_inference` (4-step latency, ours vs stock diffusers)
 # toy                `python -m senseflow.toy --preset gpu` (the distillation benchmark, ~12 min)
-# env STEP_TIMEOUT limits each step in seconds (default 300; a bench with its FLOP count needs ~480 for
-# SD3.5 Medium: the count replays a TTUR period after the timed window), WARMUP and BENCH_ITERS the bench's
-# iterations (default 3 and 10).
+# env STEP_TIMEOUT limits each step in seconds (default 300: enough for the SD3.5 Medium bench with its FLOP
+# count, which replays a TTUR period eagerly after the timed window in ~50 s on an H200; on an 80-GB H100 the
+# lean 1-GPU replay runs out of memory and the JSON keeps the timed results without MFU), WARMUP and
+# BENCH_ITERS the bench's iterations (default 3 and 10).
 # Each prints `python -m senseflow.summarize` of its run (benchmarks: their table); logs and JSON go to
 # $OUT (default /tmp/gpu_check).
 set -u
