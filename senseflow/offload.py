@@ -30,6 +30,11 @@ from .parallel import local_tensor
 logger = logging.getLogger(__name__)
 
 
+def _opt_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimiser's parameters, in group order."""
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
 def _split_by_size(params: list[torch.Tensor], parts: int) -> list[list[torch.Tensor]]:
     """``params`` grouped by dtype (a part's states share one buffer), each group cut into consecutive runs
     of about equal element counts: ``parts`` runs in all, give or take one per dtype, none empty."""
@@ -90,12 +95,9 @@ class StateOffload:
         self._parts: list[FlatStateParking] = []
         self._key: tuple[int, ...] = ()
 
-    def _params(self) -> list[torch.Tensor]:
-        return [p for group in self.opt.param_groups for p in group["params"]]
-
     def parts(self) -> list[FlatStateParking]:
         """One parking per part of the optimiser's parameters (made again if those changed)."""
-        params = self._params()
+        params = _opt_params(self.opt)
         key = tuple(id(p) for p in params)
         if key != self._key:
             if self.pin and self._streams[0] is None:
@@ -152,7 +154,7 @@ class StateOffload:
         over all parameters (AdamW updates each parameter from its own state). The gradients are restored
         afterwards. A first step creates each part's states in its turn."""
         parts = self.parts()
-        params = self._params()
+        params = _opt_params(self.opt)
         grads = [p.grad for p in params]
         grad_of = {id(p): g for p, g in zip(params, grads)}
         try:
@@ -313,12 +315,8 @@ class FlatStateParking(_SideStreamCopies):
         self.away = False
 
     def _states(self) -> list[torch.Tensor]:
-        if self.params is None:
-            params = [p for group in self.opt.param_groups for p in group["params"]]
-        else:
-            params = self.params
         out = []
-        for p in params:
+        for p in self.params if self.params is not None else _opt_params(self.opt):
             for value in self.opt.state.get(p, {}).values():
                 local = local_tensor(value) if isinstance(value, torch.Tensor) else None
                 if local is not None and type(local) is torch.Tensor and local.numel() > 1:
