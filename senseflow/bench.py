@@ -59,7 +59,7 @@ import torch.distributed as dist
 from .errors import ConfigError, SenseFlowError
 from .output import emit
 from .parallel import local_tensor
-from .profiling import OUTSIDE_PHASES
+from .profiling import OUTSIDE_PHASES, GcPauses
 
 logger = logging.getLogger("senseflow.bench")
 
@@ -553,25 +553,28 @@ def run_benchmark(
     engine.timer.memory = True  # peak memory per phase, in the timed window only
     rng_state = engine.rng.state_dict()
     records, replay_batches = [], []
-    for k in window_ks:
-        batch = next(loader)
-        if len(replay_batches) < period:
-            replay_batches.append(batch)
-        _sync(device)
-        start = time.perf_counter()
-        engine.run_iteration(k, batch)
-        _sync(device)
-        seconds = time.perf_counter() - start
-        records.append(
-            {
-                "k": k,
-                "generator": k % period == 0,
-                "seconds": seconds,
-                "phases": engine.timer.collect(),
-                "peak_bytes": engine.timer.collect_memory(),  # per phase, this rank; empty on a CPU
-            }
-        )
-        logger.info("iteration %d (%s): %.3fs", k, "generator" if k % period == 0 else "other", seconds)
+    with GcPauses() as gc_pauses:
+        for k in window_ks:
+            batch = next(loader)
+            if len(replay_batches) < period:
+                replay_batches.append(batch)
+            _sync(device)
+            gc_pauses.take()
+            start = time.perf_counter()
+            engine.run_iteration(k, batch)
+            _sync(device)
+            seconds = time.perf_counter() - start
+            records.append(
+                {
+                    "k": k,
+                    "generator": k % period == 0,
+                    "seconds": seconds,
+                    "gc_seconds": gc_pauses.take(),
+                    "phases": engine.timer.collect(),
+                    "peak_bytes": engine.timer.collect_memory(),  # per phase, this rank; empty on a CPU
+                }
+            )
+            logger.info("iteration %d (%s): %.3fs", k, "generator" if k % period == 0 else "other", seconds)
     engine.timer.memory = False
 
     memory: dict[str, Any] = {"sharded_state_gib_per_gpu": _gather(sharded_state_bytes(engine) / GIB)}
@@ -597,6 +600,7 @@ def run_benchmark(
         "memory": memory,
         "flops": None,
         "profile": profiled,
+        "host_gc": gc_pauses.summary(),
     }
     if not flops:
         return raw
@@ -709,7 +713,13 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "mean_generator": _mean(gen),
         "mean_other": _mean(other),
         "per_iteration": [
-            {"k": r["k"], "generator": r["generator"], "seconds": r["seconds"]} for r in records
+            {
+                "k": r["k"],
+                "generator": r["generator"],
+                "seconds": r["seconds"],
+                "gc_seconds": r.get("gc_seconds"),
+            }
+            for r in records
         ],
     }
     total_time = sum(r["seconds"] for r in records)
@@ -764,6 +774,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "phases": phases,
         "memory": memory,
     }
+    if raw.get("host_gc") is not None:
+        out["host_gc"] = {**raw["host_gc"], "ms_per_iteration": raw["host_gc"]["ms_total"] / len(records)}
     if raw.get("profile"):
         out["profile"] = raw["profile"]
     if raw["flops"] is not None:
@@ -869,6 +881,12 @@ def format_result(r: dict[str, Any]) -> str:
         lines.append(
             "peak GiB/GPU: torch.cuda.max_memory_allocated after warm-up, max over GPUs (reserved in brackets)"
             f"{where}."
+        )
+    if r.get("host_gc"):
+        g = r["host_gc"]
+        lines.append(
+            f"host GC (Python's cyclic collector, rank 0, timed window): {g['collections']} collections, "
+            f"{g['ms_total']:.1f} ms ({g['ms_per_iteration']:.1f} ms per iteration), longest {g['ms_longest']:.1f} ms."
         )
     if r.get("flops"):
         f = r["flops"]

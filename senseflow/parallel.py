@@ -218,6 +218,7 @@ def build_sharded(
     trainable: bool,
     gradient_checkpointing: bool = False,
     compile_blocks: bool = False,
+    memory_budget: float | None = None,
     blocks_per_unit: int = 1,
     unit_starts: Callable[[nn.Module], Iterable[nn.Module]] | None = None,
     fsdp: bool = True,
@@ -231,6 +232,7 @@ def build_sharded(
         dtype: storage dtype of the parameters (fp32 master weights for trained nets).
         trainable: sets ``requires_grad`` on every parameter.
         compile_blocks: ``torch.compile`` each block (see :func:`compile_modules`), also when grouped.
+        memory_budget: the compiled blocks' activation memory budget (see :func:`compile_modules`).
         blocks_per_unit: consecutive blocks per FSDP2 unit (``model.fsdp_blocks_per_unit``).
         unit_starts: returns the blocks that must begin a new unit (see :func:`shard`).
         fsdp: shard with FSDP2; False (``model.fsdp`` in a single process) keeps a plain module whose
@@ -262,7 +264,7 @@ def build_sharded(
         model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     )
     if compile_blocks:
-        compile_modules(blocks(model))
+        compile_modules(blocks(model), memory_budget)
     return model
 
 
@@ -270,11 +272,17 @@ def build_sharded(
 RECOMPILE_LIMIT = 64
 
 
-def compile_modules(modules: Iterable[nn.Module]) -> None:
+def compile_modules(modules: Iterable[nn.Module], memory_budget: float | None = None) -> None:
     """``module.compile()`` in place (state-dict keys unchanged). Modules of one class share compiled graphs
     (parameters are graph inputs, not constants), so the limit of graphs per code object is raised to
     :data:`RECOMPILE_LIMIT`: past torch's default of 8, further variants would silently run eagerly.
-    FSDP2's hooks run outside the compiled code (``torch._dynamo.config.skip_fsdp_hooks``)."""
+    FSDP2's hooks run outside the compiled code (``torch._dynamo.config.skip_fsdp_hooks``).
+
+    ``memory_budget``: each call of a module runs under ``torch._functorch.config.activation_memory_budget``
+    set to it, so the graphs compiled for its training passes recompute activations in their backward to
+    save at most that fraction of them (``model.activation_memory_budget``). The budget is read when a graph
+    is compiled and is not among dynamo's guards: in one process, modules of the same class must be
+    compiled with the same budget (or after ``torch._dynamo.reset()``)."""
     import torch._dynamo
 
     cfg = torch._dynamo.config
@@ -283,6 +291,19 @@ def compile_modules(modules: Iterable[nn.Module]) -> None:
         cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * RECOMPILE_LIMIT)
     for module in modules:
         module.compile()
+        if memory_budget is not None:
+            module._compiled_call_impl = _under_memory_budget(module._compiled_call_impl, memory_budget)
+
+
+def _under_memory_budget(fn: Callable, budget: float) -> Callable:
+    import torch._functorch.config
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

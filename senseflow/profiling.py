@@ -10,6 +10,7 @@ bookkeeping on the host, no synchronisation).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import time
 from collections import defaultdict
@@ -152,3 +153,48 @@ class PhaseTimer:
         """Start a memory window: forget the peaks and reset the device's peak counters (CUDA)."""
         if self.device.type == "cuda":
             self._peaks.clear()
+
+
+class GcPauses:
+    """Pauses of Python's cyclic garbage collector while the context is open (``gc.callbacks``): the host
+    stands still during a collection, and in a loop the host sets the pace of, so does the GPU.
+
+    :meth:`take` returns the pauses since its last call; :meth:`summary` all of them, per generation.
+    """
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []  # (generation, seconds)
+        self._taken = 0
+        self._start: float | None = None
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.pauses.append((int(info["generation"]), time.perf_counter() - self._start))
+            self._start = None
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def take(self) -> float:
+        """Seconds of collection since the last call."""
+        new, self._taken = self.pauses[self._taken :], len(self.pauses)
+        return sum(sec for _, sec in new)
+
+    def summary(self) -> dict[str, object]:
+        """Collections and milliseconds per generation, the total and the longest pause."""
+        per_gen = {}
+        for gen in sorted({g for g, _ in self.pauses}):
+            secs = [s for g, s in self.pauses if g == gen]
+            per_gen[str(gen)] = {"collections": len(secs), "ms": 1000 * sum(secs)}
+        return {
+            "collections": len(self.pauses),
+            "ms_total": 1000 * sum(s for _, s in self.pauses),
+            "ms_longest": 1000 * max((s for _, s in self.pauses), default=0.0),
+            "per_generation": per_gen,
+        }

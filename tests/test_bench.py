@@ -116,6 +116,16 @@ def check_run(stdout: str, result: dict, phases: set[str], period: int) -> None:
     assert float(cells["TFLOP/it"]) == pytest.approx(f["model_per_iter"] / 1e12, rel=0.01)
     assert result["mfu"] is None and result["torch"] and result["date"]
 
+    # the collector's pauses in the window: per iteration in the JSON, summed in the printed line
+    gc_ms = result["host_gc"]
+    per_it = [r["gc_seconds"] for r in sec["per_iteration"]]
+    assert all(x >= 0 for x in per_it) and len(per_it) == period
+    assert 1000 * sum(per_it) == pytest.approx(gc_ms["ms_total"], abs=1e-6)
+    assert gc_ms["ms_per_iteration"] == pytest.approx(gc_ms["ms_total"] / period)
+    assert gc_ms["collections"] == sum(g["collections"] for g in gc_ms["per_generation"].values())
+    line = re.search(rf"host GC .*: (\d+) collections, ({NUM}) ms", stdout)
+    assert line and int(line[1]) == gc_ms["collections"], stdout
+
 
 def test_bench_sd35_tiny(tiny_cache, tmp_path):
     stdout, result, log = bench(tiny_cache, tmp_path, "sd35_medium", "train.seed=3")
@@ -677,3 +687,25 @@ def test_options_may_follow_overrides():
 
     args = parse_args(["--recipe", "sd35_medium", "model.compile_blocks=true", "--no-flops", "train.seed=3"])
     assert args.no_flops and args.overrides == ["model.compile_blocks=true", "train.seed=3"]
+
+
+def test_gc_pauses_records_collections():
+    """:class:`GcPauses` times each collection while open (here forced ones, generation 2) and no longer
+    after; :meth:`take` returns the seconds since its last call."""
+    import gc
+
+    from senseflow.profiling import GcPauses
+
+    with GcPauses() as pauses:
+        junk = [[] for _ in range(1000)]
+        for item in junk:
+            item.append(item)  # cycles for the collector to find
+        del junk, item
+        gc.collect()
+        first = pauses.take()
+        gc.collect()
+    gc.collect()  # after the context: not recorded
+    summary = pauses.summary()
+    assert summary["collections"] >= 2 and summary["per_generation"]["2"]["collections"] >= 2
+    assert first > 0 and pauses.take() > 0 and pauses.take() == 0
+    assert summary["ms_total"] >= summary["ms_longest"] > 0

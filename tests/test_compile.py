@@ -90,31 +90,84 @@ def test_compiled_heads_match_eager(assets):
     assert len(compiled.heads) == 3 and counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
 
 
+class _MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 64), nn.Linear(64, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        return self.down(torch.nn.functional.gelu(h) * torch.sigmoid(h)) + x
+
+
+def _saved_bytes_and_grads(memory_budget):
+    """Bytes a compiled ``_MLP`` saves for its backward, its gradients, and the budget seen after the call."""
+    from senseflow.parallel import compile_modules
+
+    torch._dynamo.reset()  # the budget is read when a graph is compiled, not guarded
+    torch.manual_seed(0)
+    net = _MLP()
+    compile_modules([net], memory_budget=memory_budget)
+    x = torch.randn(8, 16, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = net(x)
+    y.square().sum().backward()
+    grads = [x.grad, *(p.grad for p in net.parameters())]
+    return sum(saved), grads, torch._functorch.config.activation_memory_budget
+
+
+def test_memory_budget_recomputes_inside_the_compiled_backward():
+    """``compile_modules(memory_budget=0)`` (``model.activation_memory_budget``): the compiled graph saves
+    fewer activation bytes for its backward (it recomputes the pointwise ones) and gives the same
+    gradients; the budget applies during the module's calls only."""
+    default = torch._functorch.config.activation_memory_budget
+    full, grads_full, after_full = _saved_bytes_and_grads(None)
+    lean, grads_lean, after_lean = _saved_bytes_and_grads(0.0)
+    torch._dynamo.reset()
+    assert lean < full, (lean, full)
+    for a, b in zip(grads_lean, grads_full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert after_full == after_lean == default
+
+
 def test_engine_with_compiled_blocks_and_heads(tiny_cache, tmp_path):
     """The tiny SD3.5 recipe with ``model.compile_blocks`` and ``discriminator.compile_heads`` logs the
     losses of the eager run (a generator and a fake-score iteration), and every block of the three
-    transformers and every head branch is compiled: unsharded (this single process's default) and with
+    transformers and every head branch is compiled: unsharded (this single process's default), with
     FSDP2, both blocks in one unit (``model.fsdp_blocks_per_unit=2``: the blocks are compiled, not the
-    unit)."""
+    unit), and with ``model.activation_memory_budget`` (the trained nets' blocks not checkpointed)."""
     from senseflow.parallel import fsdp_units
 
     common = ["train.log_interval=1", "distill.generator_period=2", "train.iter_num=2"]
     common += ["checkpoint.enabled=false"]
-    names = ("eager", "compiled", "compiled_grouped")
+    names = ("eager", "compiled", "compiled_grouped", "compiled_budget")
     for name in names:
         (tmp_path / name).mkdir()
     eager = make_engine(tmp_path / "eager", *common)
     eager.train()
     assert all(b._compiled_call_impl is None for b in eager.adapter.blocks(eager.G.net))
+    assert eager.G.net.gradient_checkpointing and eager.F.net.gradient_checkpointing
     compile_on = ["model.compile_blocks=true", "discriminator.compile_heads=true"]
     grouped = ["model.fsdp=always", "model.fsdp_blocks_per_unit=2"]
-    for name, extra in (("compiled", []), ("compiled_grouped", grouped)):
+    budget = ["model.activation_memory_budget=0.5"]
+    for name, extra in (("compiled", []), ("compiled_grouped", grouped), ("compiled_budget", budget)):
+        if extra is budget:
+            torch._dynamo.reset()  # compile the blocks' training graphs again, under the budget
         compiled = make_engine(tmp_path / name, *common, *compile_on, *extra)
         for net in (compiled.G.net, compiled.F.net, compiled.teacher):
             blocks = compiled.adapter.blocks(net)
             assert len(blocks) == 2 and all(b._compiled_call_impl is not None for b in blocks)
-            assert len(fsdp_units(net)) == (2 if extra else 0), name  # the root and the block unit
+            assert len(fsdp_units(net)) == (2 if extra is grouped else 0), name  # the root and the block unit
+        for net in (compiled.G.net, compiled.F.net):
+            assert net.gradient_checkpointing == (extra is not budget), name
         compiled.train()
+    torch._dynamo.reset()
     runs = [_losses(_metrics(tmp_path / name)) for name in names]
     assert len(runs[0]) == 2
     for run in runs[1:]:

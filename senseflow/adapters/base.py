@@ -215,6 +215,16 @@ class TeacherAdapter:
             for name, module in extras.items():  # randomly initialised on rank 0, broadcast like the rest
                 fake_state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
         trained_compute = p.compute if p.fsdp_mixed else p.master
+        m = self.cfg.model
+        # a compiled block with a memory budget recomputes inside its compiled backward instead
+        budget = m.activation_memory_budget if m.compile_blocks else None
+        checkpoint_blocks = m.gradient_checkpointing and budget is None
+        if budget is not None:
+            logger.info(
+                "trained transformer blocks: recomputation chosen by the compiler within an activation "
+                "memory budget of %g (model.activation_memory_budget), not checkpointed",
+                budget,
+            )
         sharded = self.cfg.model.sharded(self.info.world_size)
         nets = []
         for config, state, trainable, extra in (
@@ -231,8 +241,9 @@ class TeacherAdapter:
                     dtype=DTYPE[p.master if trainable else p.teacher],
                     mp_policy=mixed_precision_policy(trained_compute if trainable else p.teacher),
                     trainable=trainable,
-                    gradient_checkpointing=self.cfg.model.gradient_checkpointing and trainable,
-                    compile_blocks=self.cfg.model.compile_blocks,
+                    gradient_checkpointing=trainable and checkpoint_blocks,
+                    compile_blocks=m.compile_blocks,
+                    memory_budget=budget if trainable else None,
                     blocks_per_unit=self.cfg.model.fsdp_blocks_per_unit,
                     unit_starts=self.unit_starts,
                     fsdp=sharded,
