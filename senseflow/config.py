@@ -93,6 +93,16 @@ class ModelConfig:
     predicted, not yet measured on GPUs. No effect in a single process."""
     gradient_checkpointing: bool = True
     """Activation checkpointing of the trained transformers' blocks and of the VAE decoder."""
+    compile_mode: str | None = None
+    """``torch.compile`` mode of the generator's and fake score's compiled blocks (``model.compile_blocks``),
+    e.g. ``reduce-overhead``: each block's graphs are replayed as CUDA graphs, one launch instead of hundreds
+    of kernels issued by the host, which sets the pace of a 1024-px iteration at one image per GPU. The
+    engine marks each iteration as a new CUDA-graph step. Measured on one H200 (SD3.5 Medium, the 1-GPU
+    command of the README): fake-score step 174-207 -> 145 ms, 0.70 and 0.75 s/it at 55.7 GiB (56.7
+    without); on an H200 the tiny recipe logs the losses of a run without it (``tests/test_compile.py``).
+    Unsharded nets only (a single process, or ``model.fsdp=never``, not measured on several GPUs): FSDP2
+    moves the weights at every pass, so sharded nets refuse it. The teacher's blocks keep the default mode
+    (``model.offload_teacher`` moves its weights). ``null``: torch's default mode."""
     activation_memory_budget: float | None = None
     """With ``model.compile_blocks``: the trained transformers' blocks are not wrapped in
     ``torch.utils.checkpoint``; instead the compiler chooses what each block's backward recomputes, keeping
@@ -102,7 +112,9 @@ class ModelConfig:
     checkpoint hooks on the host, and cheap operators are recomputed rather than matrix products. Measured
     on one H200 (full-size SD3.5 Medium transformer, one 1024-px image, fp32 weights under bf16 autocast,
     ``tools/ckpt_probe.py``): a forward and backward took 188 ms with the blocks checkpointed, 172 ms with
-    no recomputation (+3.3 GiB, host-bound), 135 ms with a budget of 0.3, at the checkpointed peak.
+    no recomputation (+3.3 GiB, host-bound), 135 ms with a budget of 0.3, at the checkpointed peak; on a
+    slower host 205-250 ms checkpointed, 159 / 174 / 166 ms at budgets 0.3 / 0.1 / 0.5. In the SD3.5 configs.
+    The generator's saved activations during the GAN term rose by 0.7 GiB (1-GPU bench peak 56.7 GiB).
     ``null`` (or ``compile_blocks=false``): ``model.gradient_checkpointing`` checkpoints the blocks.
     Same arithmetic up to fused-kernel rounding. The VAE decoder stays under ``gradient_checkpointing``."""
     cudnn_attention: bool = True

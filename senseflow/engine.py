@@ -560,6 +560,8 @@ class Engine:
         """Train one loop iteration ``k`` on ``batch``; returns its metrics (device tensors)."""
         d = self.d
         gen_step = k % d.generator_period == 0
+        if self.cfg.model.compile_mode == "reduce-overhead" and self.cfg.model.compile_blocks:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous iteration's CUDA-graph outputs are dead
         backsim = torch.rand(1, generator=self.rng.control).item() < d.backsim_prob
         steps = int(torch.randint(0, len(d.anchors), (1,), generator=self.rng.control)) if backsim else None
         prompts = list(batch["prompt"])

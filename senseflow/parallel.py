@@ -219,6 +219,7 @@ def build_sharded(
     gradient_checkpointing: bool = False,
     compile_blocks: bool = False,
     memory_budget: float | None = None,
+    compile_mode: str | None = None,
     blocks_per_unit: int = 1,
     unit_starts: Callable[[nn.Module], Iterable[nn.Module]] | None = None,
     fsdp: bool = True,
@@ -233,6 +234,7 @@ def build_sharded(
         trainable: sets ``requires_grad`` on every parameter.
         compile_blocks: ``torch.compile`` each block (see :func:`compile_modules`), also when grouped.
         memory_budget: the compiled blocks' activation memory budget (see :func:`compile_modules`).
+        compile_mode: their ``torch.compile`` mode (None: the default).
         blocks_per_unit: consecutive blocks per FSDP2 unit (``model.fsdp_blocks_per_unit``).
         unit_starts: returns the blocks that must begin a new unit (see :func:`shard`).
         fsdp: shard with FSDP2; False (``model.fsdp`` in a single process) keeps a plain module whose
@@ -264,7 +266,7 @@ def build_sharded(
         model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     )
     if compile_blocks:
-        compile_modules(blocks(model), memory_budget)
+        compile_modules(blocks(model), memory_budget, compile_mode)
     return model
 
 
@@ -272,7 +274,9 @@ def build_sharded(
 RECOMPILE_LIMIT = 64
 
 
-def compile_modules(modules: Iterable[nn.Module], memory_budget: float | None = None) -> None:
+def compile_modules(
+    modules: Iterable[nn.Module], memory_budget: float | None = None, mode: str | None = None
+) -> None:
     """``module.compile()`` in place (state-dict keys unchanged). Modules of one class share compiled graphs
     (parameters are graph inputs, not constants), so the limit of graphs per code object is raised to
     :data:`RECOMPILE_LIMIT`: past torch's default of 8, further variants would silently run eagerly.
@@ -290,7 +294,7 @@ def compile_modules(modules: Iterable[nn.Module], memory_budget: float | None = 
     if hasattr(cfg, "accumulated_cache_size_limit"):
         cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * RECOMPILE_LIMIT)
     for module in modules:
-        module.compile()
+        module.compile(mode=mode)
         if memory_budget is not None:
             module._compiled_call_impl = _under_memory_budget(module._compiled_call_impl, memory_budget)
 

@@ -203,3 +203,49 @@ def test_compiled_backbone_matches_eager(assets):
     _close(z1, z0, rel=5e-4)
     _close(x1, x0, rel=5e-4)
     assert len(layers) >= 2 and counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+
+
+def test_compile_mode_refuses_fsdp(tiny_cache, tmp_path):
+    """``model.compile_mode`` (CUDA graphs of the blocks) needs unsharded nets: with FSDP2 the error names
+    the key before any weight is loaded."""
+    from senseflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.compile_mode: 'reduce-overhead' is for unsharded nets"):
+        make_engine(
+            tmp_path,
+            "model.compile_blocks=true",
+            "model.compile_mode=reduce-overhead",
+            "model.fsdp=always",
+        )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device machine)")
+def test_engine_blocks_as_cuda_graphs(tiny_cache, tmp_path):
+    """``model.compile_mode=reduce-overhead`` on a GPU: the trained nets' compiled blocks (with the SD3.5
+    configs' activation memory budget) replay as CUDA graphs, none skipped, and the run logs the losses
+    of the same run without CUDA graphs (generator and fake-score iterations)."""
+    from senseflow.config import load_config
+    from senseflow.distributed import init_distributed
+    from senseflow.engine import Engine
+
+    common = ["log.progress_bar=false", "train.image_interval=0", "train.device=cuda"]
+    common += ["train.log_interval=1", "distill.generator_period=2", "train.iter_num=4"]
+    common += ["checkpoint.enabled=false", "model.compile_blocks=true", "model.activation_memory_budget=0.3"]
+    runs = []
+    for name, extra in (("default", []), ("cuda_graphs", ["model.compile_mode=reduce-overhead"])):
+        torch._dynamo.reset()
+        counters.clear()
+        (tmp_path / name).mkdir()
+        cfg = load_config("configs/tiny/sd35_senseflow_tiny.yaml", [*common, *extra])
+        Engine(cfg, init_distributed("cuda"), tmp_path / name).train()
+        runs.append(_losses(_metrics(tmp_path / name)))
+        graphs = counters["inductor"]["cudagraph_recorded_non_static_inputs"]
+        assert (graphs > 0) == bool(extra) and counters["inductor"]["cudagraph_skips"] == 0, dict(
+            counters["inductor"]
+        )
+    torch._dynamo.reset()
+    assert len(runs[0]) == 4
+    for a, b in zip(*runs):
+        assert b.keys() == a.keys()
+        for key, value in a.items():
+            assert b[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key

@@ -205,7 +205,14 @@ class TeacherAdapter:
 
     def build_networks(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         """The sharded generator and fake score (trainable) and the frozen teacher (spec §12.5)."""
-        p = self.cfg.precision
+        p, m = self.cfg.precision, self.cfg.model
+        sharded = m.sharded(self.info.world_size)
+        if sharded and m.compile_mode is not None and m.compile_blocks:
+            raise ConfigError(
+                f"model.compile_mode: {m.compile_mode!r} is for unsharded nets (a single process, or "
+                "model.fsdp=never); FSDP2 moves the blocks' weights at every pass, so set it to null or "
+                "model.fsdp=never"
+            )
         teacher_state = self._teacher_state()
         student_state = fake_state = None
         extras = self.fake_extras()
@@ -215,7 +222,6 @@ class TeacherAdapter:
             for name, module in extras.items():  # randomly initialised on rank 0, broadcast like the rest
                 fake_state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
         trained_compute = p.compute if p.fsdp_mixed else p.master
-        m = self.cfg.model
         # a compiled block with a memory budget recomputes inside its compiled backward instead
         budget = m.activation_memory_budget if m.compile_blocks else None
         checkpoint_blocks = m.gradient_checkpointing and budget is None
@@ -225,7 +231,6 @@ class TeacherAdapter:
                 "memory budget of %g (model.activation_memory_budget), not checkpointed",
                 budget,
             )
-        sharded = self.cfg.model.sharded(self.info.world_size)
         nets = []
         for config, state, trainable, extra in (
             (self.generator_config(), student_state, True, None),
@@ -244,6 +249,7 @@ class TeacherAdapter:
                     gradient_checkpointing=trainable and checkpoint_blocks,
                     compile_blocks=m.compile_blocks,
                     memory_budget=budget if trainable else None,
+                    compile_mode=m.compile_mode if trainable else None,
                     blocks_per_unit=self.cfg.model.fsdp_blocks_per_unit,
                     unit_starts=self.unit_starts,
                     fsdp=sharded,
