@@ -153,10 +153,12 @@ def test_engine_with_compiled_blocks_and_heads(tiny_cache, tmp_path):
     eager.train()
     assert all(b._compiled_call_impl is None for b in eager.adapter.blocks(eager.G.net))
     assert eager.G.net.gradient_checkpointing and eager.F.net.gradient_checkpointing
+    # the checkpointed blocks (the SD3.5 configs' budget off), then the budget
     compile_on = ["model.compile_blocks=true", "discriminator.compile_heads=true"]
-    grouped = ["model.fsdp=always", "model.fsdp_blocks_per_unit=2"]
+    grouped = ["model.fsdp=always", "model.fsdp_blocks_per_unit=2", "model.activation_memory_budget=null"]
     budget = ["model.activation_memory_budget=0.5"]
-    for name, extra in (("compiled", []), ("compiled_grouped", grouped), ("compiled_budget", budget)):
+    plain = ["model.activation_memory_budget=null"]
+    for name, extra in (("compiled", plain), ("compiled_grouped", grouped), ("compiled_budget", budget)):
         if extra is budget:
             torch._dynamo.reset()  # compile the blocks' training graphs again, under the budget
         compiled = make_engine(tmp_path / name, *common, *compile_on, *extra)
