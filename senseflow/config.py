@@ -98,7 +98,7 @@ class ModelConfig:
     e.g. ``reduce-overhead``: each block's graphs are replayed as CUDA graphs, one launch instead of hundreds
     of kernels issued by the host, which sets the pace of a 1024-px iteration at one image per GPU. The
     engine marks each iteration as a new CUDA-graph step. Measured on one H200 (SD3.5 Medium, the 1-GPU
-    command of the README): fake-score step 174-207 -> 145 ms, 0.70 and 0.75 s/it at 55.7 GiB (56.7
+    command of the README): fake-score step 174-255 ms (budget alone) -> 145 ms, 0.70 and 0.75 s/it at 55.7 GiB (56.7
     without); on an H200 the tiny recipe logs the losses of a run without it (``tests/test_compile.py``).
     Unsharded nets only (a single process, or ``model.fsdp=never``, not measured on several GPUs): FSDP2
     moves the weights at every pass, so sharded nets refuse it. The teacher's blocks keep the default mode
