@@ -560,8 +560,10 @@ class Engine:
         """Train one loop iteration ``k`` on ``batch``; returns its metrics (device tensors)."""
         d = self.d
         gen_step = k % d.generator_period == 0
-        if self.cfg.model.compile_mode == "reduce-overhead" and self.cfg.model.compile_blocks:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous iteration's CUDA-graph outputs are dead
+        if self.cfg.model.compile_mode is not None and self.cfg.model.compile_blocks:
+            # a new CUDA-graph step (reduce-overhead and max-autotune replay CUDA graphs; a no-op otherwise):
+            # the previous iteration's graph outputs are dead
+            torch.compiler.cudagraph_mark_step_begin()
         backsim = torch.rand(1, generator=self.rng.control).item() < d.backsim_prob
         steps = int(torch.randint(0, len(d.anchors), (1,), generator=self.rng.control)) if backsim else None
         prompts = list(batch["prompt"])
