@@ -553,28 +553,28 @@ def run_benchmark(
     engine.timer.memory = True  # peak memory per phase, in the timed window only
     rng_state = engine.rng.state_dict()
     records, replay_batches = [], []
-    with GcPauses() as gc_pauses:
-        for k in window_ks:
-            batch = next(loader)
-            if len(replay_batches) < period:
-                replay_batches.append(batch)
-            _sync(device)
-            gc_pauses.take()
-            start = time.perf_counter()
+    gc_pauses = GcPauses()  # open during the timed iterations only
+    for k in window_ks:
+        batch = next(loader)
+        if len(replay_batches) < period:
+            replay_batches.append(batch)
+        _sync(device)
+        start = time.perf_counter()
+        with gc_pauses:
             engine.run_iteration(k, batch)
-            _sync(device)
-            seconds = time.perf_counter() - start
-            records.append(
-                {
-                    "k": k,
-                    "generator": k % period == 0,
-                    "seconds": seconds,
-                    "gc_seconds": gc_pauses.take(),
-                    "phases": engine.timer.collect(),
-                    "peak_bytes": engine.timer.collect_memory(),  # per phase, this rank; empty on a CPU
-                }
-            )
-            logger.info("iteration %d (%s): %.3fs", k, "generator" if k % period == 0 else "other", seconds)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        records.append(
+            {
+                "k": k,
+                "generator": k % period == 0,
+                "seconds": seconds,
+                "gc_seconds": gc_pauses.take(),
+                "phases": engine.timer.collect(),
+                "peak_bytes": engine.timer.collect_memory(),  # per phase, this rank; empty on a CPU
+            }
+        )
+        logger.info("iteration %d (%s): %.3fs", k, "generator" if k % period == 0 else "other", seconds)
     engine.timer.memory = False
 
     memory: dict[str, Any] = {"sharded_state_gib_per_gpu": _gather(sharded_state_bytes(engine) / GIB)}

@@ -157,7 +157,8 @@ class PhaseTimer:
 
 class GcPauses:
     """Pauses of Python's cyclic garbage collector while the context is open (``gc.callbacks``): the host
-    stands still during a collection, and in a loop the host sets the pace of, so does the GPU.
+    stands still during a collection, and in a loop the host sets the pace of, so does the GPU. The context
+    may be opened again (e.g. around each timed iteration); the pauses add up.
 
     :meth:`take` returns the pauses since its last call; :meth:`summary` all of them, per generation.
     """
