@@ -516,6 +516,17 @@ def phase_peaks(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def warmup_iterations(period: int, warmup: int, generator_runs: int = 1) -> list[int]:
+    """The warm-up's iteration numbers: at least ``warmup`` of them and ``generator_runs`` generator
+    iterations (``k % period == 0``), ending with one, so that its one-time costs (the generator's optimiser
+    states, compilation, CUDA-graph recording) stay out of the window. ``[]`` for ``warmup`` 0 and one run."""
+    if warmup <= 0 and generator_runs <= 1:
+        return []
+    count = max(warmup, (generator_runs - 1) * period + 1)
+    end = period * max(generator_runs, math.ceil(count / period))
+    return list(range(max(1, end - count + 1), end + 1))
+
+
 def run_benchmark(
     engine,
     warmup: int,
@@ -534,9 +545,20 @@ def run_benchmark(
     raises, since the other ranks wait in a collective."""
     device, period = engine.device, engine.d.generator_period
     measured = math.ceil(iters / period) * period
-    k0 = max(1, period - warmup + 1)  # the warm-up ends with the generator iteration k = P
-    warm_ks = list(range(k0, k0 + warmup))
-    window_ks = list(range(k0 + warmup, k0 + warmup + measured))
+    # CUDA graphs (model.compile_mode, discriminator.compile_mode) are recorded at the second run of each
+    # path through the compiled code: the warm-up then holds two generator iterations
+    warm_ks = warmup_iterations(
+        period, warmup, generator_runs=2 if getattr(engine, "compile_modes", False) else 1
+    )
+    if len(warm_ks) > warmup:
+        logger.info(
+            "warm-up of %d iterations (not %d): CUDA graphs are recorded at the second generator iteration",
+            len(warm_ks),
+            warmup,
+        )
+    window_ks = (
+        list(range(warm_ks[-1] + 1, warm_ks[-1] + 1 + measured)) if warm_ks else list(range(1, 1 + measured))
+    )
     engine.timer.enabled = True
     loader = iter(engine.loader)
     t0 = time.perf_counter()
@@ -548,7 +570,7 @@ def run_benchmark(
         logger.info("warm-up iteration %d done in %.1fs", k, time.perf_counter() - start)
     engine.timer.trace = False
     engine.timer.collect()
-    logger.info("warm-up: %d iterations in %.1fs", warmup, time.perf_counter() - t0)
+    logger.info("warm-up: %d iterations in %.1fs", len(warm_ks), time.perf_counter() - t0)
     engine.timer.reset_memory()  # the device's peak counters (CUDA) and the timer's phase peaks
     engine.timer.memory = True  # peak memory per phase, in the timed window only
     rng_state = engine.rng.state_dict()
@@ -1254,7 +1276,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any] | None:
                 "resolution": cfg.train.resolution,
                 "batch_size_per_gpu": cfg.train.batch_size,
                 "precision": {"compute": cfg.precision.compute, "master": cfg.precision.master},
-                "warmup": args.warmup,
+                "warmup": len(raw["warmup_ks"]),
                 "iters_requested": args.iters,
                 "text_embeddings": "precomputed" if args.text_embeddings else "encoded",
                 "build_seconds": build_s,

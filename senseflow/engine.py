@@ -44,7 +44,7 @@ from .data.json_dataset import InfiniteLoader
 from .discriminator import VFMDiscriminator
 from .discriminator.diffaug import diff_augment
 from .distributed import DistInfo, GradReducer, all_reduce_max_int, broadcast_tensors_
-from .errors import SenseFlowError
+from .errors import ConfigError, SenseFlowError
 from .kernels import cast_matmul_weights_
 from .losses.decoupled import decoupled_dmd_loss
 from .losses.dm import distribution_matching_loss
@@ -191,6 +191,12 @@ class Engine:
             side = torch.cuda.Stream(self.device) if pin and cfg.optimizer.offload_overlap else None
             self.park_fake = FlatStateParking(self.F.opt, pin, "fake score", stream=side)
         self.disc, self.D = self._build_discriminator()
+        # compile modes that may replay CUDA graphs (model.compile_mode, discriminator.compile_mode)
+        self.compile_modes = (cfg.model.compile_blocks and cfg.model.compile_mode is not None) or (
+            self.disc is not None
+            and cfg.discriminator.compile_heads
+            and cfg.discriminator.compile_mode is not None
+        )
         self.gathered_G = False  # model.keep_generator_gathered: nothing to keep gathered when unsharded
         if cfg.model.keep_generator_gathered and cfg.model.sharded(self.info.world_size):
             self.gathered_G = keep_gathered(self.G.net)
@@ -267,6 +273,17 @@ class Engine:
         self.shard_disc = False
         if cfg.distill.gan.weight <= 0:
             return None, None
+        dc = cfg.discriminator
+        if (
+            cfg.model.shard_discriminator
+            and self.info.world_size > 1
+            and dc.compile_heads
+            and dc.compile_mode
+        ):
+            raise ConfigError(
+                f"discriminator.compile_mode: {dc.compile_mode!r} is for unsharded heads; FSDP2 moves their "
+                "weights at every pass, so set it to null or model.shard_discriminator=false"
+            )
         disc = VFMDiscriminator(
             cfg.discriminator,
             cfg.paths.dino,
@@ -560,7 +577,7 @@ class Engine:
         """Train one loop iteration ``k`` on ``batch``; returns its metrics (device tensors)."""
         d = self.d
         gen_step = k % d.generator_period == 0
-        if self.cfg.model.compile_mode is not None and self.cfg.model.compile_blocks:
+        if self.compile_modes:
             # a new CUDA-graph step (reduce-overhead and max-autotune replay CUDA graphs; a no-op otherwise):
             # the previous iteration's graph outputs are dead
             torch.compiler.cudagraph_mark_step_begin()
@@ -806,13 +823,17 @@ class Engine:
             return Adversarial(self.disc.encode_text(prompts), ref_feats, self.gan_weights[anchor_idx])
 
     def disc_step(self, image_fake: torch.Tensor, image_real: torch.Tensor, adv) -> dict[str, torch.Tensor]:
-        """Hinge step of the heads: real pass, then fake pass, time-weighted (spec §8.7)."""
+        """Hinge step of the heads: real pass, then fake pass, time-weighted (spec §8.7). The frozen DINOv2
+        runs once over both batches (no gradient reaches it here); the heads see each pass on its own."""
         with self._amp():
-            logits_real = self.disc(image_real, adv.text, adv.ref, generator=self.rng.noise)
+            feats_real, feats_fake = self.disc.paired_features(
+                image_real, image_fake.detach(), self.rng.noise
+            )
+            logits_real = self.disc.logits(feats_real, adv.text, adv.ref)
         loss_real = (adv.weight * hinge_d_real(logits_real)).mean()
         self._backward(self.D, loss_real, last=False)
         with self._amp():
-            logits_fake = self.disc(image_fake.detach(), adv.text, adv.ref, generator=self.rng.noise)
+            logits_fake = self.disc.logits(feats_fake, adv.text, adv.ref)
         loss_fake = (adv.weight * hinge_d_fake(logits_fake)).mean()
         norm = self._step(self.D, [loss_fake], "disc")
         self.D.sched.step()

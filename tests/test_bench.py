@@ -33,6 +33,7 @@ from senseflow.bench import (
     phase_peaks,
     run_benchmark,
     summarize,
+    warmup_iterations,
 )
 from senseflow.config import load_config
 from senseflow.profiling import OUTSIDE_PHASES, PeakTracker, PhaseTimer
@@ -478,6 +479,37 @@ class _FakeGpuEngine:
             with phase("gen_backward_step"):
                 a.spike(8 * GIB)
         return {}
+
+
+@pytest.mark.parametrize(
+    "period,warmup,generator_runs,expected",
+    [
+        (10, 4, 1, [7, 8, 9, 10]),  # ends with the generator iteration k = P
+        (10, 15, 1, list(range(6, 21))),  # longer than a period: still ends with one
+        (10, 4, 2, list(range(10, 21))),  # CUDA graphs: two generator iterations, P and 2P
+        (10, 0, 1, []),
+        (1, 3, 2, [1, 2, 3]),
+    ],
+)
+def test_warmup_iterations(period, warmup, generator_runs, expected):
+    ks = warmup_iterations(period, warmup, generator_runs)
+    assert ks == expected
+    if ks:
+        assert ks[-1] % period == 0 and sum(k % period == 0 for k in ks) >= generator_runs
+
+
+def test_run_benchmark_warms_up_cuda_graphs(monkeypatch):
+    """An engine that replays CUDA graphs gets a warm-up through its second generator iteration."""
+    alloc = FakeAllocator(held=2 * GIB)
+    _patch_cuda_counters(monkeypatch, alloc)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    engine = _FakeGpuEngine(alloc, period=2)
+    engine.loader = [{"prompt": ["a"]}] * 20
+    engine.compile_modes = True
+    raw = run_benchmark(engine, warmup=1, iters=2, flops=False)
+    assert engine.warmup_ks == raw["warmup_ks"] == [2, 3, 4]
+    assert [r["k"] for r in raw["records"]] == [5, 6]
 
 
 @pytest.fixture

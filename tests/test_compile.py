@@ -15,7 +15,7 @@ from senseflow.discriminator.heads import SNConv2d
 from senseflow.losses.gan import hinge_d_fake, hinge_d_real, hinge_g
 
 from .test_discriminator import PROMPTS, images, make_disc
-from .test_engine import _losses, _metrics, make_engine
+from .test_engine import TINY, _losses, _metrics, make_engine
 
 
 @pytest.mark.parametrize("kernel, stride", [(1, 1), (3, 1), (3, 2)])
@@ -221,11 +221,29 @@ def test_compile_mode_refuses_fsdp(tiny_cache, tmp_path):
         )
 
 
+def test_disc_compile_mode_refuses_sharded_heads(tiny_cache):
+    """``discriminator.compile_mode`` (CUDA graphs of the heads) with heads sharded over several ranks: the
+    error names the key before the discriminator is built."""
+    import types
+
+    from senseflow.config import load_config
+    from senseflow.engine import Engine
+    from senseflow.errors import ConfigError
+
+    overrides = ["discriminator.compile_heads=true", "discriminator.compile_mode=reduce-overhead"]
+    cfg = load_config(TINY, [*overrides, "model.shard_discriminator=true"])
+    two_ranks = types.SimpleNamespace(cfg=cfg, info=types.SimpleNamespace(world_size=2))
+    with pytest.raises(ConfigError, match=r"discriminator\.compile_mode: 'reduce-overhead' is for unsharded"):
+        Engine._build_discriminator(two_ranks)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device machine)")
 def test_engine_blocks_as_cuda_graphs(tiny_cache, tmp_path):
     """``model.compile_mode=reduce-overhead`` on a GPU: the trained nets' compiled blocks (with the SD3.5
     configs' activation memory budget) replay as CUDA graphs, none skipped, and the run logs the losses
-    of the same run without CUDA graphs (generator and fake-score iterations)."""
+    of the same run without CUDA graphs (generator and fake-score iterations). With
+    ``discriminator.compile_mode=reduce-overhead`` too, the heads' branches replay as CUDA graphs, the
+    losses are the same again and so are the spectral-norm vectors their power iterations update in place."""
     from senseflow.config import load_config
     from senseflow.distributed import init_distributed
     from senseflow.engine import Engine
@@ -233,21 +251,35 @@ def test_engine_blocks_as_cuda_graphs(tiny_cache, tmp_path):
     common = ["log.progress_bar=false", "train.image_interval=0", "train.device=cuda"]
     common += ["train.log_interval=1", "distill.generator_period=2", "train.iter_num=4"]
     common += ["checkpoint.enabled=false", "model.compile_blocks=true", "model.activation_memory_budget=0.3"]
-    runs = []
-    for name, extra in (("default", []), ("cuda_graphs", ["model.compile_mode=reduce-overhead"])):
+    common += ["discriminator.compile_heads=true"]
+    blocks = ["model.compile_mode=reduce-overhead"]
+    runs, sn = [], []
+    for name, extra in (
+        ("default", []),
+        ("cuda_graphs", blocks),
+        ("heads_too", [*blocks, "discriminator.compile_mode=reduce-overhead"]),
+    ):
         torch._dynamo.reset()
         counters.clear()
         (tmp_path / name).mkdir()
-        cfg = load_config("configs/tiny/sd35_senseflow_tiny.yaml", [*common, *extra])
-        Engine(cfg, init_distributed("cuda"), tmp_path / name).train()
+        cfg = load_config(TINY, [*common, *extra])
+        e = Engine(cfg, init_distributed("cuda"), tmp_path / name)
+        start = {k: v.clone() for k, v in e.disc.heads.state_dict().items() if k.endswith("_u")}
+        e.train()
         runs.append(_losses(_metrics(tmp_path / name)))
+        sn.append({k: v for k, v in e.disc.heads.state_dict().items() if k in start})
+        assert all(not torch.equal(start[k], sn[-1][k]) for k in start)  # 4 disc steps of power iterations
         graphs = counters["inductor"]["cudagraph_recorded_non_static_inputs"]
         assert (graphs > 0) == bool(extra) and counters["inductor"]["cudagraph_skips"] == 0, dict(
             counters["inductor"]
         )
+        del e
     torch._dynamo.reset()
     assert len(runs[0]) == 4
-    for a, b in zip(*runs):
-        assert b.keys() == a.keys()
-        for key, value in a.items():
-            assert b[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert b.keys() == a.keys()
+            for key, value in a.items():
+                assert b[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+    for key, u in sn[0].items():
+        torch.testing.assert_close(sn[2][key], u, rtol=1e-3, atol=1e-4)

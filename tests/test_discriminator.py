@@ -302,6 +302,34 @@ def test_head_layers_and_spectral_norm():
     torch.testing.assert_close(head(x, r, c), expected)
 
 
+def test_paired_features_are_two_augmented_passes(assets):
+    """The disc step's single DINOv2 pass over the real and fake batches: the same draws and taps as
+    ``features`` of each in turn, and ``logits`` of them is ``forward``."""
+    disc = make_disc(assets).train()
+    real, fake = images(2, 64, 1), images(2, 64, 2)
+    text = disc.encode_text(PROMPTS)
+    ref = disc.reference_features(images(2, 64, 3))
+    gen_a, gen_b = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    feats_real, feats_fake = disc.paired_features(real, fake, gen_a)
+    with torch.no_grad():
+        one_by_one = [disc.features(real, gen_b), disc.features(fake, gen_b)]
+    assert gen_a.get_state().equal(gen_b.get_state())  # the same number of draws, in the same order
+    for paired, alone in zip((feats_real, feats_fake), one_by_one):
+        assert len(paired) == len(alone) == len(disc.heads)
+        for a, b in zip(paired, alone):
+            assert a.shape == b.shape and not a.requires_grad
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the augmentation drew something: the fake batch's taps differ from its unaugmented ones
+    with torch.no_grad():
+        plain = disc.features(fake, augment=False)
+    assert not torch.allclose(feats_fake[0], plain[0])
+    gen_c = torch.Generator().manual_seed(7)
+    disc.eval()  # no power iteration: two calls of the heads see the same weights
+    with torch.no_grad():
+        expected = disc(real, text, ref, gen_c)
+        torch.testing.assert_close(disc.logits(feats_real, text, ref), expected, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ learning
 
 

@@ -55,6 +55,12 @@ class DiscriminatorConfig:
     Costs compilation in the first iterations; same arithmetic up to fused-kernel rounding. Measured (SD3.5
     Medium, 1 x H200, lean options): 1.13 against 1.14 s/it, no gain; off in the shipped configs."""
 
+    compile_mode: str | None = None
+    """``torch.compile`` mode of the compiled heads' branches (``compile_heads``), e.g. ``reduce-overhead``:
+    CUDA graphs replayed instead of kernels issued one by one by the host. The engine marks each iteration
+    as a new CUDA-graph step. The DINOv2 blocks (``compile_backbone``) keep the default mode: their taps are
+    kept across the blocks' calls, which CUDA-graph replays would overwrite. ``null``: torch's default."""
+
     def validate(self, prefix: str = "discriminator") -> None:
         """Raise :class:`ConfigError` naming the key when a value cannot work."""
 

@@ -70,7 +70,7 @@ class VFMDiscriminator(nn.Module):
             for _ in range(self.backbone.num_taps)
         )
         if cfg.compile_heads:
-            compile_modules(m for head in self.heads for m in (head.main, head.ref))
+            compile_modules((m for head in self.heads for m in (head.main, head.ref)), mode=cfg.compile_mode)
         if cfg.compile_backbone:
             compile_modules(self.backbone.model.encoder.layer)
         n_params = sum(p.numel() for p in self.heads.parameters())
@@ -119,8 +119,38 @@ class VFMDiscriminator(nn.Module):
         """images (B, 3, H, W) in [-1, 1], text_emb (B, c_dim), ref_feats from ``reference_features``
         -> logits (B, n_heads·g'·g'). DiffAugment (drawing from ``generator``) is applied to ``images`` only.
         """
-        if augment:
-            images = diff_augment(
-                images, self.cfg.diffaug, generator, self.cfg.translation_ratio, self.cfg.cutout_ratio
-            )
-        return self.heads(self.backbone(images), ref_feats, text_emb)
+        return self.logits(self.features(images, generator, augment), text_emb, ref_feats)
+
+    def logits(
+        self, feats: list[torch.Tensor], text_emb: torch.Tensor, ref_feats: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """The heads on DINOv2 taps from ``features`` or ``paired_features`` -> logits (B, n_heads·g'·g')."""
+        return self.heads(feats, ref_feats, text_emb)
+
+    def augmented(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """DiffAugment of images under test (drawing from ``generator``; spec §8.8)."""
+        return diff_augment(
+            images, self.cfg.diffaug, generator, self.cfg.translation_ratio, self.cfg.cutout_ratio
+        )
+
+    def features(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, augment: bool = True
+    ) -> list[torch.Tensor]:
+        """The DINOv2 taps of (augmented) images, the heads' input: ``forward`` is ``heads(features(...))``."""
+        return self.backbone(self.augmented(images, generator) if augment else images)
+
+    @torch.no_grad()
+    def paired_features(
+        self, first: torch.Tensor, second: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``features(first)`` and ``features(second)``, without gradient, in one DINOv2 pass over both batches.
+
+        Each batch is augmented on its own, ``first`` then ``second``: the draws of two ``features`` calls
+        in that order. The discriminator step's real and fake passes need no gradient through the frozen
+        backbone, so one pass of batch 2B replaces two of batch B (half the host work, fuller kernels);
+        the heads still see each batch separately (per-pass local batch-norm statistics, spec §8.7).
+        """
+        both = torch.cat([self.augmented(first, generator), self.augmented(second, generator)])
+        n = first.shape[0]
+        taps = self.backbone(both)
+        return [t[:n] for t in taps], [t[n:] for t in taps]
