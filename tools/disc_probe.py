@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--heads", choices=["eager", "compiled"], default="compiled")
     p.add_argument("--backbone", action="store_true", help="compile the DINOv2 blocks")
     p.add_argument("--mode", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--channels-last", action="store_true", help="the heads' conv weights channels-last")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--res", type=int, default=1024)
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of the script at a small --res")
@@ -44,6 +45,8 @@ def main() -> None:
         cfg, resolve_arch("arch:dinov2_large"), resolve_arch("arch:clip_vit_l14"), random_init=True
     ).to(dev)
     cast_matmul_weights_(disc.backbone.model, torch.bfloat16)  # as the engine does under bf16
+    if args.channels_last:
+        disc.heads.to(memory_format=torch.channels_last)
     disc.train()
     params = list(disc.trainable_parameters())
     opt = torch.optim.AdamW(params, lr=1e-6, fused=cuda)
@@ -94,7 +97,7 @@ def main() -> None:
         issues[separate].append(time.perf_counter() - t0)
         sync()
         walls[separate].append(time.perf_counter() - t0)
-    name = f"heads {args.heads}{' + backbone compiled' if args.backbone else ''}{f' {args.mode}' if args.mode else ''}"
+    name = f"heads {args.heads}{' channels-last' if args.channels_last else ''}{' + backbone compiled' if args.backbone else ''}{f' {args.mode}' if args.mode else ''}"
     for separate in (True, False):
         w, iss = walls[separate], issues[separate]
         print(

@@ -13,8 +13,10 @@
 #                    bench_flux_2gpu; bench_sd35_medium_2gpu_shardte adds model.shard_text_encoders=true;
 #                    env BENCH_EXTRA adds config overrides, BENCH_TAG suffixes the result name, e.g.
 #                    BENCH_TAG=lean BENCH_EXTRA="model.shard_discriminator=true" ... bench_sd35_medium_2gpu
-# scaling_sd35_medium  bench_sd35_medium on 2 GPUs (model.fsdp=never) and then on 1, with the lean options,
-#                    and the images/s ratio (issue 8's 2-vs-1 goal; ~8 minutes on 2 x H200)
+# scaling_sd35_medium  bench_sd35_medium on 2 GPUs (model.fsdp=never) and then on 1, with the lean options and
+#                    CUDA graphs (env SCALING_EXTRA replaces those two overrides; empty: none), and the images/s
+#                    ratio (issue 8's 2-vs-1 goal; ~10 minutes on 2 x H200); scaling_sd35_medium_2gpu and
+#                    scaling_sd35_medium_1gpu run one half each (the device's calls last at most 10 minutes)
 # infer_<recipe>     `python -m senseflow.bench_inference` (4-step latency, ours vs stock diffusers)
 # toy                `python -m senseflow.toy --preset gpu` (the distillation benchmark, ~12 min)
 # env STEP_TIMEOUT limits each step in seconds (default 300: enough for the SD3.5 Medium bench with its FLOP
@@ -83,18 +85,25 @@ for check in "$@"; do
             step "$name" torchrun --standalone --nproc_per_node "$nproc" -m senseflow.bench --recipe "$recipe" \
                 --warmup "${WARMUP:-3}" --iters "${BENCH_ITERS:-10}" --out "$OUT/$name.json" $extra ${BENCH_EXTRA:-}
             grep -A3 "^| recipe" "$OUT/$name.log" | head -n 3 ;;
-        scaling_sd35_medium)  # issue 8's scaling goal: the lean options, replicated on 2 GPUs, then on GPU 0 alone
+        scaling_sd35_medium|scaling_sd35_medium_2gpu|scaling_sd35_medium_1gpu)
+            # issue 8's scaling goal: the lean options with CUDA graphs, replicated on 2 GPUs, then on GPU 0 alone
             lean="--no-flops --text-embeddings model.compile_blocks=true discriminator.compile_heads=true \
 optimizer.offload_generator_state=true optimizer.offload_fake_state=generator_step model.offload_teacher=true \
-optimizer.offload_overlap=true"
+optimizer.offload_overlap=true ${SCALING_EXTRA-model.compile_mode=reduce-overhead discriminator.compile_mode=reduce-overhead}"
             tag=${BENCH_TAG:-scaling}
-            BENCH_TAG=$tag BENCH_EXTRA="$lean model.fsdp=never" STEP_TIMEOUT=${STEP_TIMEOUT:-330} \
-                WARMUP=${WARMUP:-4} BENCH_ITERS=${BENCH_ITERS:-20} sh "$0" bench_sd35_medium_2gpu
-            sleep 15  # the 2-GPU processes' exit must not overlap the 1-GPU run
-            BENCH_TAG=$tag BENCH_EXTRA="$lean" STEP_TIMEOUT=${STEP_TIMEOUT:-220} WARMUP=${WARMUP:-4} \
-                BENCH_ITERS=${BENCH_ITERS:-20} CUDA_VISIBLE_DEVICES=0 sh "$0" bench_sd35_medium_1gpu
-            ${PYTHON:-python} -c 'import json, sys; a, b = (json.load(open(f))["images_per_sec"] for f in sys.argv[1:]); print(f"2 vs 1 GPU: {a:.3f} / {b:.3f} images/s = {a / b:.2f}x (goal >= 1.8x)")' \
-                "$OUT/bench_sd35_medium_2gpu_$tag.json" "$OUT/bench_sd35_medium_1gpu_$tag.json" ;;
+            if [ "$check" != scaling_sd35_medium_1gpu ]; then
+                BENCH_TAG=$tag BENCH_EXTRA="$lean model.fsdp=never" STEP_TIMEOUT=${STEP_TIMEOUT:-420} \
+                    WARMUP=${WARMUP:-4} BENCH_ITERS=${BENCH_ITERS:-20} sh "$0" bench_sd35_medium_2gpu
+            fi
+            [ "$check" = scaling_sd35_medium ] && sleep 15  # the 2-GPU processes' exit must not overlap the 1-GPU run
+            if [ "$check" != scaling_sd35_medium_2gpu ]; then
+                BENCH_TAG=$tag BENCH_EXTRA="$lean" STEP_TIMEOUT=${STEP_TIMEOUT:-330} WARMUP=${WARMUP:-4} \
+                    BENCH_ITERS=${BENCH_ITERS:-20} CUDA_VISIBLE_DEVICES=0 sh "$0" bench_sd35_medium_1gpu
+            fi
+            two="$OUT/bench_sd35_medium_2gpu_$tag.json" one="$OUT/bench_sd35_medium_1gpu_$tag.json"
+            if [ -f "$two" ] && [ -f "$one" ]; then
+                ${PYTHON:-python} -c 'import json, sys; a, b = (json.load(open(f))["images_per_sec"] for f in sys.argv[1:]); print(f"2 vs 1 GPU: {a:.3f} / {b:.3f} images/s = {a / b:.2f}x (goal >= 1.8x)")' "$two" "$one"
+            fi ;;
         infer_*)
             step "$check" ${PYTHON:-python} -m senseflow.bench_inference --recipe "${check#infer_}" --out "$OUT/$check.json"
             tail -n 6 "$OUT/$check.log" ;;
