@@ -8,6 +8,8 @@ with a pass per image (the engine until the nineteenth session), alternately.
     python tools/disc_probe.py --heads eager
     python tools/disc_probe.py --mode reduce-overhead # the heads' branches as CUDA graphs
     python tools/disc_probe.py --backbone             # DINOv2 blocks compiled too
+    python tools/disc_probe.py --channels-last        # the heads' conv weights channels-last
+    python tools/disc_probe.py --kernels 16           # then the 16 costliest GPU kernels of one step
 
 ``issue ms``: host time until the step's calls return; ``ms``: wall time to the end of the GPU work.
 Where they are close, the host sets the pace.
@@ -31,6 +33,9 @@ def main() -> None:
     p.add_argument("--backbone", action="store_true", help="compile the DINOv2 blocks")
     p.add_argument("--mode", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--channels-last", action="store_true", help="the heads' conv weights channels-last")
+    p.add_argument(
+        "--kernels", type=int, default=0, help="then profile one step: its N costliest GPU kernels"
+    )
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--res", type=int, default=1024)
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of the script at a small --res")
@@ -106,6 +111,18 @@ def main() -> None:
             f"min {1000 * min(w):.1f})",
             flush=True,
         )
+    if args.kernels and cuda:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step(False)
+            sync()
+        events = [e for e in prof.key_averages() if e.device_time_total > 0]
+        events.sort(key=lambda e: e.device_time_total, reverse=True)
+        total = sum(e.self_device_time_total for e in events)
+        print(f"KERNELS of one step (paired), {total / 1000:.1f} ms of GPU time:")
+        for e in events[: args.kernels]:
+            print(f"  {e.self_device_time_total / 1000:7.2f} ms {e.count:5d}x {e.key[:100]}")
     print(
         f"peak {torch.cuda.max_memory_allocated() / 2**30 if cuda else float('nan'):.1f} GiB, "
         f"warm-up {warm:.0f} s, {torch.cuda.get_device_name() if cuda else 'cpu'}",
