@@ -43,6 +43,32 @@ def test_sn_conv_is_torch_spectral_norm(kernel, stride, autocast):
     assert torch.equal(ours._u, u)  # no power iteration in eval mode
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device machine)")
+@pytest.mark.parametrize("kernel, stride", [(1, 1), (3, 1), (3, 2)])
+def test_sn_conv_channels_last_on_cuda(kernel, stride):
+    """On CUDA the convolution's input is made channels-last (no cuDNN layout conversions): the same output
+    and gradients as with the NCHW input, in fp32 without TF32."""
+    torch.manual_seed(0)
+    conv = (
+        SNConv2d(64, 32, kernel, stride).cuda().eval()
+    )  # eval: no power iteration, both calls see one weight
+    x = torch.randn(2, 64, 19, 19, device="cuda")
+    outs, grads = [], []
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        for channels_last in (False, True):
+            conv.channels_last = channels_last
+            xi = x.clone().requires_grad_(True)
+            y = conv(xi)
+            assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+            y.square().sum().backward()
+            outs.append(y.detach())
+            grads.append((xi.grad, conv.weight.grad.clone()))
+            conv.weight.grad = None
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> None:
     err = (a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)
     assert err < rel, err.item()

@@ -9,6 +9,7 @@ with a pass per image (the engine until the nineteenth session), alternately.
     python tools/disc_probe.py --mode reduce-overhead # the heads' branches as CUDA graphs
     python tools/disc_probe.py --backbone             # DINOv2 blocks compiled too
     python tools/disc_probe.py --channels-last        # the heads' conv weights channels-last
+    python tools/disc_probe.py --nchw                 # NCHW conv inputs (the heads until session 19)
     python tools/disc_probe.py --kernels 16           # then the 16 costliest GPU kernels of one step
 
 ``issue ms``: host time until the step's calls return; ``ms``: wall time to the end of the GPU work.
@@ -23,6 +24,7 @@ import torch
 
 from senseflow.data.tiny import resolve_arch
 from senseflow.discriminator import DiscriminatorConfig, VFMDiscriminator
+from senseflow.discriminator.heads import SNConv2d
 from senseflow.kernels import cast_matmul_weights_
 from senseflow.losses.gan import hinge_d_fake, hinge_d_real
 
@@ -33,6 +35,7 @@ def main() -> None:
     p.add_argument("--backbone", action="store_true", help="compile the DINOv2 blocks")
     p.add_argument("--mode", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--channels-last", action="store_true", help="the heads' conv weights channels-last")
+    p.add_argument("--nchw", action="store_true", help="conv inputs as the compiled heads leave them (NCHW)")
     p.add_argument(
         "--kernels", type=int, default=0, help="then profile one step: its N costliest GPU kernels"
     )
@@ -52,6 +55,9 @@ def main() -> None:
     cast_matmul_weights_(disc.backbone.model, torch.bfloat16)  # as the engine does under bf16
     if args.channels_last:
         disc.heads.to(memory_format=torch.channels_last)
+    for m in disc.heads.modules():
+        if isinstance(m, SNConv2d):
+            m.channels_last = not args.nchw
     disc.train()
     params = list(disc.trainable_parameters())
     opt = torch.optim.AdamW(params, lr=1e-6, fused=cuda)
@@ -102,7 +108,7 @@ def main() -> None:
         issues[separate].append(time.perf_counter() - t0)
         sync()
         walls[separate].append(time.perf_counter() - t0)
-    name = f"heads {args.heads}{' channels-last' if args.channels_last else ''}{' + backbone compiled' if args.backbone else ''}{f' {args.mode}' if args.mode else ''}"
+    name = f"heads {args.heads}{' NCHW' if args.nchw else ''}{' channels-last' if args.channels_last else ''}{' + backbone compiled' if args.backbone else ''}{f' {args.mode}' if args.mode else ''}"
     for separate in (True, False):
         w, iss = walls[separate], issues[separate]
         print(

@@ -44,6 +44,7 @@ class SNConv2d(nn.Conv2d):
             bias=True,
         )
         self.eps = eps
+        self.channels_last = True
         with torch.no_grad():
             w = self.weight.flatten(1)
             u = w.new_empty(w.shape[0]).normal_(0, 1)
@@ -69,7 +70,14 @@ class SNConv2d(nn.Conv2d):
         return self.weight / sigma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.normalized_weight(), self.bias)
+        """Circular padding (none for 1×1), then the convolution with the normalised weight. On CUDA its input is
+        made channels-last: cuDNN runs these convolutions in NHWC, and an NCHW input (what the compiled padding
+        and batch norm produce otherwise) costs a layout conversion of the input and of the output per call."""
+        if any(self._reversed_padding_repeated_twice):
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode="circular")
+        if x.is_cuda and self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x, self.normalized_weight(), self.bias, self.stride)
 
 
 def sn_conv(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1) -> SNConv2d:
