@@ -65,8 +65,8 @@ def test_sn_conv_channels_last_on_cuda(kernel, stride):
             grads.append((xi.grad, conv.weight.grad.clone()))
             conv.weight.grad = None
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(grads[1], grads[0]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads[1], grads[0]):  # cuDNN's weight-gradient algorithms sum in another order per layout
+        _close(a, b, rel=1e-5)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> None:
