@@ -61,7 +61,7 @@ class DiscriminatorConfig:
     as a new CUDA-graph step. The DINOv2 blocks (``compile_backbone``) keep the default mode: their taps are
     kept across the blocks' calls, which CUDA-graph replays would overwrite. The spectral-norm vectors are
     updated in place inside the graphs. Measured on one H200 (SD3.5 Medium, the 1-GPU command of the
-    README): discriminator step 217-341 -> 138-143 ms, 0.63 s/it at 55.0 GiB; on an H200 the tiny recipe
+    README): discriminator step 217-341 -> 121-143 ms, 0.61-0.63 s/it at 55.0 GiB; on an H200 the tiny recipe
     logs the losses and ends with the spectral-norm vectors of a run without it (``tests/test_compile.py``).
     Unsharded heads only: ``model.shard_discriminator`` on several GPUs refuses it. ``null``: torch's
     default."""
