@@ -44,6 +44,7 @@ class SNConv2d(nn.Conv2d):
             bias=True,
         )
         self.eps = eps
+        # on CUDA the convolution's input is made channels-last (False: as it comes; tools/disc_probe.py --nchw)
         self.channels_last = True
         with torch.no_grad():
             w = self.weight.flatten(1)
