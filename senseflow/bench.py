@@ -556,9 +556,8 @@ def run_benchmark(
             len(warm_ks),
             warmup,
         )
-    window_ks = (
-        list(range(warm_ks[-1] + 1, warm_ks[-1] + 1 + measured)) if warm_ks else list(range(1, 1 + measured))
-    )
+    first = warm_ks[-1] + 1 if warm_ks else 1
+    window_ks = list(range(first, first + measured))
     engine.timer.enabled = True
     loader = iter(engine.loader)
     t0 = time.perf_counter()

@@ -42,7 +42,6 @@ from .config import Config, resolve_paths, to_dict
 from .data import build_dataset
 from .data.json_dataset import InfiniteLoader
 from .discriminator import VFMDiscriminator
-from .discriminator.diffaug import diff_augment
 from .distributed import DistInfo, GradReducer, all_reduce_max_int, broadcast_tensors_
 from .errors import ConfigError, SenseFlowError
 from .kernels import cast_matmul_weights_
@@ -278,7 +277,7 @@ class Engine:
             cfg.model.shard_discriminator
             and self.info.world_size > 1
             and dc.compile_heads
-            and dc.compile_mode
+            and dc.compile_mode is not None
         ):
             raise ConfigError(
                 f"discriminator.compile_mode: {dc.compile_mode!r} is for unsharded heads; FSDP2 moves their "
@@ -811,13 +810,7 @@ class Engine:
             if not self.cfg.compat.reference_is_real_input:
                 # B15 corrected (minimal form suggested by the spec): augment the reference
                 # independently, so "input equals reference" is no longer a shortcut for D
-                ref = diff_augment(
-                    images,
-                    self.cfg.discriminator.diffaug,
-                    self.rng.noise,
-                    self.cfg.discriminator.translation_ratio,
-                    self.cfg.discriminator.cutout_ratio,
-                )
+                ref = self.disc.augmented(images, self.rng.noise)
             with self._amp():
                 ref_feats = self.disc.reference_features(ref)
             return Adversarial(self.disc.encode_text(prompts), ref_feats, self.gan_weights[anchor_idx])
