@@ -67,6 +67,23 @@ class ModelConfig:
     (image, group) and is slow on a batch of one 1024-px image. The same fp32 arithmetic, up to the
     summation order. Measured on an H200 (``tools/gn_bench.py``): forward 3.7 → 1.7 ms at 128 x 1024²,
     forward + backward 5.4 → 6.3 ms; SD3.5 Medium's no-gradient decode 114 → 88 ms, encode 79 → 39 ms."""
+    vae_math_attention: bool = False
+    """The VAE's mid-block attention (16,384 tokens at 1024 px) runs on torch's math backend of
+    ``scaled_dot_product_attention``, matrix products in TF32 (``precision.tf32``), instead of the fp32
+    memory-efficient kernel the original enabled, which uses no tensor cores (13.5 ms per pass on an H200).
+    The attention matrix is materialised: 1 GiB per 1024-px image, also saved during the differentiated
+    decode's backward. TF32 rounding, as the VAE's convolutions. Measured on one H200 (SD3.5 VAE, fp32,
+    ``tools/vae_probe.py``): encode 54.5 -> 43.3 ms, decode 85.6 -> 74.2 ms, decode and backward 298 ->
+    241 ms, the same peaks; with ``model.compile_vae`` see there. On in the SD3.5 configs."""
+    compile_vae: bool = False
+    """``torch.compile`` the VAE's encoder and decoder (default mode; about a minute of compilation in the
+    first iterations). The compiler fuses the GroupNorm, SiLU and residual operators around each
+    convolution: at one 1024-px image the eager VAE spends about half its GPU time in such element-wise
+    kernels. The differentiated decode keeps its checkpointing. Same arithmetic up to fused-kernel
+    rounding. Measured on one H200 (SD3.5 VAE, fp32, with ``model.vae_math_attention``,
+    ``tools/vae_probe.py``): encode 43.3 -> 23.5 ms, decode 74.2 -> 41.7 ms, decode and backward 241 ->
+    140 ms, the differentiated decode's peak 15.7 -> 13.2 GiB. On in the SD3.5 configs (not the tiny
+    CPU ones)."""
     keep_generator_gathered: bool = False
     """Keep the generator's all-gathered compute-dtype weights from its first forward of an iteration until
     the end of its passes (before the fake-score step), instead of freeing each block after every pass:
@@ -397,6 +414,10 @@ class PrecisionConfig:
     """Weight dtype of the teacher's text encoders (the original used fp32)."""
     vae: str = "fp32"
     """Weight dtype of the VAE."""
+    tf32: bool = True
+    """TF32 tensor-core arithmetic for fp32 matrix products and cuDNN convolutions on CUDA, as the original
+    (spec §12.4): the VAE, CLIP's text tower, fp32 forwards of the trained nets. False: full fp32 matrix
+    products (torch's default) and convolutions."""
     fsdp_mixed: bool = True
     """FSDP2 all-gathers trained weights in the compute dtype (fast); false keeps fp32 weights under
     autocast as the original did (required by ``compat.generator_fp32_when_no_grad``). Measured on 2 x H200

@@ -162,6 +162,8 @@ class Engine:
         self.rng = RandomStreams(cfg.train.seed, info.rank, info.device, cfg.compat.shared_noise_across_ranks)
         self.compute_dtype = DTYPE[cfg.precision.compute]
         if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = cfg.precision.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
             if not cfg.model.cudnn_attention:
                 torch.backends.cuda.enable_cudnn_sdp(False)  # see model.cudnn_attention
             torch.backends.cudnn.benchmark = cfg.model.cudnn_benchmark

@@ -35,6 +35,17 @@ def assets(tmp_path_factory) -> tuple[Path, Path]:
     return dino, clip
 
 
+@pytest.fixture(autouse=True)
+def _restore_tf32():
+    """The engine sets torch's process-wide TF32 switches (``precision.tf32``); each test starts from the
+    values the session started with, so GPU tests that compare fp32 results do not see another's."""
+    import torch
+
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 def free_port() -> int:
     """A TCP port that is free right now on localhost."""
     with socket.socket() as s:

@@ -309,3 +309,41 @@ def test_engine_blocks_as_cuda_graphs(tiny_cache, tmp_path):
                 assert b[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
     for key, u in sn[0].items():
         torch.testing.assert_close(sn[2][key], u, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device machine)")
+def test_engine_compiled_vae_on_cuda(tiny_cache, tmp_path):
+    """``model.compile_vae`` and ``model.vae_math_attention`` on a GPU: the VAE's encoder and decoder are
+    compiled, its attention runs on the math backend, TF32 is on (``precision.tf32``), and the run logs
+    the losses of the same run with the eager VAE (generator and fake-score iterations: the no-gradient
+    encode and decode, and the differentiated decode of the GAN term)."""
+    from senseflow.config import load_config
+    from senseflow.distributed import init_distributed
+    from senseflow.engine import Engine
+    from senseflow.kernels import MathAttention
+
+    common = ["log.progress_bar=false", "train.image_interval=0", "train.device=cuda"]
+    common += ["train.log_interval=1", "distill.generator_period=2", "train.iter_num=4"]
+    common += ["checkpoint.enabled=false"]
+    runs = []
+    for name, extra in (
+        ("eager", []),
+        ("compiled", ["model.compile_vae=true", "model.vae_math_attention=true"]),
+    ):
+        torch._dynamo.reset()
+        (tmp_path / name).mkdir()
+        e = Engine(load_config(TINY, [*common, *extra]), init_distributed("cuda"), tmp_path / name)
+        vae = e.adapter.vae
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        compiled = [m._compiled_call_impl is not None for m in (vae.encoder, vae.decoder)]
+        math = [isinstance(m.processor, MathAttention) for m in vae.modules() if hasattr(m, "set_processor")]
+        assert compiled == [bool(extra)] * 2 and math and all(x == bool(extra) for x in math)
+        e.train()
+        runs.append(_losses(_metrics(tmp_path / name)))
+        del e
+    torch._dynamo.reset()
+    assert len(runs[0]) == 4
+    for a, b in zip(*runs):
+        assert b.keys() == a.keys()
+        for key, value in a.items():
+            assert b[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key

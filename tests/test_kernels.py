@@ -1,4 +1,5 @@
-"""senseflow/kernels.py: the split GroupNorm equals torch's GroupNorm (values and gradients) in fp32."""
+"""senseflow/kernels.py: the split GroupNorm equals torch's GroupNorm (values and gradients) in fp32; the
+VAE's attention on the math backend gives the default backend's decode."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from senseflow.kernels import SplitGroupNorm, split_group_norm, use_split_group_norm
+from senseflow.kernels import (
+    MathAttention,
+    SplitGroupNorm,
+    split_group_norm,
+    use_matmul_attention,
+    use_split_group_norm,
+)
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -74,3 +81,47 @@ def test_precast_backbone_gives_the_autocast_results(assets):
     assert torch.equal(got, want)
     with pytest.raises(ValueError, match="trainable"):
         cast_matmul_weights_(nn.Linear(2, 2), torch.bfloat16)
+
+
+def test_matmul_attention_decodes_as_the_default_backend():
+    """``model.vae_math_attention``: a VAE whose mid-block attention is swapped to the math backend decodes
+    the same image and latent gradient in fp32 (a checkpointed decode, as the GAN term's), and swapping
+    twice changes nothing more."""
+    from diffusers import AutoencoderKL
+    from torch.nn.attention import SDPBackend
+
+    torch.manual_seed(0)
+    kw = dict(block_out_channels=(32, 64), latent_channels=4, norm_num_groups=8, layers_per_block=1)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, **kw
+    ).requires_grad_(False)
+    vae.enable_gradient_checkpointing()
+    z = torch.randn(2, 4, 16, 16)
+
+    def decode():
+        zz = z.clone().requires_grad_(True)
+        out = vae.decode(zz, return_dict=False)[0]
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), zz.grad
+
+    want = decode()
+    backends = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):  # which backends torch may use inside the swapped processor
+        from torch.nn.attention import _cur_sdpa_kernel_backends
+
+        backends.append(set(_cur_sdpa_kernel_backends()))
+        return real_sdpa(*args, **kwargs)
+
+    assert use_matmul_attention(vae) == 2  # the encoder's and the decoder's mid-block attention
+    assert use_matmul_attention(vae) == 0
+    assert isinstance(vae.decoder.mid_block.attentions[0].processor, MathAttention)
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        got = decode()
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real_sdpa
+    assert backends and all(b == {SDPBackend.MATH} for b in backends)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

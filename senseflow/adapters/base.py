@@ -136,8 +136,15 @@ class TeacherAdapter:
             from ..kernels import use_split_group_norm
 
             use_split_group_norm(self.vae)
+        if self.cfg.model.vae_math_attention:
+            from ..kernels import use_matmul_attention
+
+            use_matmul_attention(self.vae)
         if self.cfg.model.gradient_checkpointing:
             self.vae.enable_gradient_checkpointing()  # the GAN term differentiates the decode
+        if self.cfg.model.compile_vae:
+            self.vae.encoder.compile()
+            self.vae.decoder.compile()
         self.scaling_factor = self.vae.config.scaling_factor
         self.shift_factor = getattr(self.vae.config, "shift_factor", None) or 0.0
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
