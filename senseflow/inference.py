@@ -274,7 +274,8 @@ def build_inference(
     ``paths.pretrained_model`` is ``teacher_dir`` (``tiny:``/``arch:`` names are built as in training);
     the dataset and discriminator paths, which inference never reads, get placeholders, and
     ``paths.text_embeddings`` is cleared (prompts are always encoded). The text
-    encoders run in ``dtype``, the VAE in the recipe's ``precision.vae``, T5 with the recipe's
+    encoders run in ``dtype``, the VAE in the recipe's ``precision.vae`` (eager, with the default attention,
+    unless ``overrides`` set ``model.compile_vae`` or ``model.vae_math_attention``), T5 with the recipe's
     ``model.t5_max_length`` (77, as in training: fixes B14).
 
     With ``load_components=False`` the text encoders and the VAE are built on the meta device without
@@ -288,7 +289,10 @@ def build_inference(
     extra = [f"precision.text_encoders={dtype_name(dtype)}"]
     if not load_components:
         extra.append("model.random_init=true")
-    cfg = load_config(config_path, [*overrides, *placeholders, *extra])
+    # training-speed switches of the VAE, which overrides may turn back on: compiling costs a minute before
+    # the first image, and the math attention materialises a 1 GiB attention matrix per 1024-px image
+    eager_vae = ["model.compile_vae=false", "model.vae_math_attention=false"]
+    cfg = load_config(config_path, [*eager_vae, *overrides, *placeholders, *extra])
     cfg.paths.pretrained_model = str(resolve_path(str(teacher_dir)))
     cfg.paths.text_embeddings = ""  # inference prompts are encoded, whatever a training config set
     validate(cfg, f"{config_path} (teacher {teacher_dir})")

@@ -326,10 +326,9 @@ def test_engine_compiled_vae_on_cuda(tiny_cache, tmp_path):
     common += ["train.log_interval=1", "distill.generator_period=2", "train.iter_num=4"]
     common += ["checkpoint.enabled=false"]
     runs = []
-    for name, extra in (
-        ("eager", []),
-        ("compiled", ["model.compile_vae=true", "model.vae_math_attention=true"]),
-    ):
+    for on in (False, True):  # the tiny config inherits vae_math_attention from the SD3.5 one: set both
+        name = "compiled" if on else "eager"
+        extra = [f"model.compile_vae={str(on).lower()}", f"model.vae_math_attention={str(on).lower()}"]
         torch._dynamo.reset()
         (tmp_path / name).mkdir()
         e = Engine(load_config(TINY, [*common, *extra]), init_distributed("cuda"), tmp_path / name)
@@ -337,13 +336,16 @@ def test_engine_compiled_vae_on_cuda(tiny_cache, tmp_path):
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         compiled = [m._compiled_call_impl is not None for m in (vae.encoder, vae.decoder)]
         math = [isinstance(m.processor, MathAttention) for m in vae.modules() if hasattr(m, "set_processor")]
-        assert compiled == [bool(extra)] * 2 and math and all(x == bool(extra) for x in math)
+        assert compiled == [on, on] and math and all(x == on for x in math), (compiled, math)
         e.train()
         runs.append(_losses(_metrics(tmp_path / name)))
         del e
     torch._dynamo.reset()
     assert len(runs[0]) == 4
-    for a, b in zip(*runs):
+    off = []
+    for i, (a, b) in enumerate(zip(*runs)):
         assert b.keys() == a.keys()
-        for key, value in a.items():
-            assert b[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+        # abs: the bf16 discriminator's mean logits lie near 0 (about 0.02 on the tiny recipe) and move by
+        # a few 1e-5 with the images' TF32 rounding
+        off += [(i, k, v, b[k]) for k, v in a.items() if b[k] != pytest.approx(v, rel=1e-3, abs=1e-4)]
+    assert not off, off

@@ -313,3 +313,19 @@ def test_export_runs_in_the_stock_diffusers_pipeline(built, exported):
         )
         ours = adapter.decode_latents(x0).clamp(-1, 1)
     torch.testing.assert_close((ours + 1) / 2, theirs, atol=1e-4, rtol=0)
+
+
+def test_inference_keeps_the_vae_eager(tiny_cache):
+    """The SD3.5 training config compiles the VAE and runs its attention on the math backend
+    (``model.compile_vae``, ``model.vae_math_attention``); inference built from it does neither unless
+    its overrides ask."""
+    from senseflow.kernels import MathAttention
+
+    config = REPO / "configs/SD35/sd35_senseflow.yaml"
+    for overrides, math in (([], False), (["model.vae_math_attention=true"], True)):
+        cfg, adapter = build_inference(config, "tiny:sd3", "cpu", torch.float32, overrides)
+        vae = adapter.vae
+        assert not cfg.model.compile_vae and cfg.model.vae_math_attention == math
+        assert vae.encoder._compiled_call_impl is None and vae.decoder._compiled_call_impl is None
+        processors = [m.processor for m in vae.modules() if hasattr(m, "set_processor")]
+        assert processors and all(isinstance(p, MathAttention) == math for p in processors)
