@@ -145,7 +145,20 @@ def _block(width: int, kernel_size: int, virtual_batch: int) -> nn.Sequential:
     )
 
 
-def make_branch(width: int, cmap_dim: int, num_downsamples: int = 3, virtual_batch: int = 8) -> nn.Sequential:
+class Branch(nn.Sequential):
+    """A head branch: ``nn.Sequential`` with its ``forward`` written out here, so that ``torch.compile`` of the
+    branch (``discriminator.compile_heads``) starts tracing in this file. torch 2.11 does not trace a compiled
+    module whose frame is torch's own ``Sequential.forward``: it compiled every layer as a graph of its own
+    (20 graphs instead of 3 for the tiny heads, no fusion across layers), and the backward of one of them failed
+    inductor's stride check on the tiny recipe. Same layers, state-dict keys and arithmetic."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+def make_branch(width: int, cmap_dim: int, num_downsamples: int = 3, virtual_batch: int = 8) -> Branch:
     """One head branch (main or reference), ending with the spectral-normalised 1×1 conv to ``cmap_dim``."""
     layers: list[nn.Module] = [_block(width, 1, virtual_batch)]
     for i in range(num_downsamples):
@@ -153,7 +166,7 @@ def make_branch(width: int, cmap_dim: int, num_downsamples: int = 3, virtual_bat
         if i < num_downsamples - 1:
             layers.append(Residual(_block(width, 3, virtual_batch)))
     layers.append(sn_conv(width, cmap_dim, 1))
-    return nn.Sequential(*layers)
+    return Branch(*layers)
 
 
 def downsampled_size(size: int, num_downsamples: int = 3) -> int:
