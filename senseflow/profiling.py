@@ -199,3 +199,19 @@ class GcPauses:
             "ms_longest": 1000 * max((s for _, s in self.pauses), default=0.0),
             "per_generation": per_gen,
         }
+
+
+def costliest_kernels(fn: Callable[[], object], n: int) -> tuple[float, list[str]]:
+    """Run ``fn`` once under torch's CUDA profiler (synchronised at the end); returns the GPU time of all its
+    kernels in ms and one line for each of the ``n`` costliest (self time, calls, name), for the probes in
+    ``tools/``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events) / 1000
+    rows = [f"{e.self_device_time_total / 1000:7.2f} ms {e.count:5d}x {e.key[:100]}" for e in events[:n]]
+    return total, rows

@@ -27,6 +27,7 @@ from senseflow.discriminator import DiscriminatorConfig, VFMDiscriminator
 from senseflow.discriminator.heads import SNConv2d
 from senseflow.kernels import cast_matmul_weights_
 from senseflow.losses.gan import hinge_d_fake, hinge_d_real
+from senseflow.profiling import costliest_kernels
 
 
 def main() -> None:
@@ -118,17 +119,10 @@ def main() -> None:
             flush=True,
         )
     if args.kernels and cuda:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            step(False)
-            sync()
-        events = [e for e in prof.key_averages() if e.device_time_total > 0]
-        events.sort(key=lambda e: e.device_time_total, reverse=True)
-        total = sum(e.self_device_time_total for e in events)
-        print(f"KERNELS of one step (paired), {total / 1000:.1f} ms of GPU time:")
-        for e in events[: args.kernels]:
-            print(f"  {e.self_device_time_total / 1000:7.2f} ms {e.count:5d}x {e.key[:100]}")
+        total, rows = costliest_kernels(lambda: step(False), args.kernels)
+        print(f"KERNELS of one step (paired), {total:.1f} ms of GPU time:")
+        for row in rows:
+            print(f"  {row}")
     print(
         f"peak {torch.cuda.max_memory_allocated() / 2**30 if cuda else float('nan'):.1f} GiB, "
         f"warm-up {warm:.0f} s, {torch.cuda.get_device_name() if cuda else 'cpu'}",

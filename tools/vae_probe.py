@@ -21,6 +21,7 @@ from diffusers import AutoencoderKL
 
 from senseflow.data.tiny import resolve_arch
 from senseflow.kernels import use_matmul_attention, use_split_group_norm
+from senseflow.profiling import costliest_kernels
 
 
 def main() -> None:
@@ -102,17 +103,10 @@ def main() -> None:
             flush=True,
         )
     if args.kernels and cuda:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            decode()
-            sync()
-        events = [e for e in prof.key_averages() if e.device_time_total > 0]
-        events.sort(key=lambda e: e.self_device_time_total, reverse=True)
-        total = sum(e.self_device_time_total for e in events)
-        print(f"KERNELS of one decode (no grad), {total / 1000:.1f} ms of GPU time:")
-        for e in events[: args.kernels]:
-            print(f"  {e.self_device_time_total / 1000:7.2f} ms {e.count:5d}x {e.key[:100]}")
+        total, rows = costliest_kernels(lambda: decode(), args.kernels)
+        print(f"KERNELS of one decode (no grad), {total:.1f} ms of GPU time:")
+        for row in rows:
+            print(f"  {row}")
     print(f"warm-up {warm:.0f} s, {torch.cuda.get_device_name() if cuda else 'cpu'}", flush=True)
 
 
