@@ -296,7 +296,7 @@ class Engine:
         broadcast_tensors_(list(disc.heads.state_dict().values()))
         heads = disc.heads
         if cfg.model.shard_discriminator and self.info.world_size > 1:
-            shard(heads, heads, None)
+            shard(heads, heads, None, device=self.device)
             self.shard_disc = True
             logger.info(
                 "discriminator heads sharded over %d ranks (FSDP2 per head): %.2f of %.2f M parameters "

@@ -98,3 +98,26 @@ def use_matmul_attention(module: nn.Module) -> int:
             m.set_processor(MathAttention(processor))
             count += 1
     return count
+
+
+ATTENTION_BACKENDS = ("flash", "cudnn", "efficient", "math")
+
+
+def attention_backend(name: str | None):
+    """A context under which ``scaled_dot_product_attention`` runs only on torch's backend ``name`` (one of
+    :data:`ATTENTION_BACKENDS`; None: torch's own choice). Code compiled under it keeps that backend."""
+    import contextlib
+
+    if name is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    if name not in backends:
+        raise ValueError(f"attention backend {name!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+    return sdpa_kernel(backends[name])

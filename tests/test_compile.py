@@ -162,6 +162,62 @@ def test_memory_budget_recomputes_inside_the_compiled_backward():
     assert after_full == after_lean == default
 
 
+def test_modules_of_one_class_keep_their_own_budget():
+    """Two modules of one class compiled under different budgets in one process (the generator's and the
+    fake score's blocks under ``model.fake_activation_memory_budget``) each save what their own budget
+    allows: the budget is not among dynamo's guards, the class is (each budget gets a subclass)."""
+    from senseflow.parallel import compile_modules
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    full, lean = _MLP(), _MLP()
+    lean.load_state_dict(full.state_dict())
+    compile_modules([full], memory_budget=1.0)
+    compile_modules([lean], memory_budget=0.0)
+    assert type(full).__name__ == type(lean).__name__ == "_MLP" and isinstance(lean, _MLP)
+    assert (type(full).memory_budget, type(lean).memory_budget) == (1.0, 0.0)
+    x = torch.randn(8, 16, requires_grad=True)
+
+    def saved_bytes(net):
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = net(x)
+        y.square().sum().backward()
+        return sum(saved)
+
+    first, second, again = saved_bytes(full), saved_bytes(lean), saved_bytes(full)
+    torch._dynamo.reset()
+    assert second < first == again, (first, second, again)
+    for a, b in zip(full.parameters(), lean.parameters()):
+        torch.testing.assert_close(a.grad, 2 * b.grad, rtol=1e-5, atol=1e-6)  # full ran twice
+
+
+def test_partitioner_keeps_cudnn_attention_saved():
+    """Under a memory budget torch's partitioner recomputes whatever it does not list as compute-intensive;
+    its list has the flash and memory-efficient attention kernels but not cuDNN's, which torch picks on
+    H100/H200. ``compile_modules`` with a budget adds it (once), leaving the rest of the list."""
+    from torch._functorch import partitioners
+
+    from senseflow.parallel import compile_modules, keep_cudnn_attention_saved
+
+    cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention
+    flash = torch.ops.aten._scaled_dot_product_flash_attention
+    compile_modules([_MLP()], memory_budget=0.5)
+    keep_cudnn_attention_saved()  # idempotent: the list function is wrapped once
+    ops = partitioners.get_default_op_list().compute_intensive_ops
+    assert cudnn in ops and flash in ops and torch.ops.aten.mm in ops
+    assert partitioners.get_default_op_list.keeps_cudnn_attention
+    assert not getattr(
+        partitioners.get_default_op_list.__closure__[0].cell_contents, "keeps_cudnn_attention", False
+    )
+    torch._dynamo.reset()
+
+
 def test_engine_with_compiled_blocks_and_heads(tiny_cache, tmp_path):
     """The tiny SD3.5 recipe with ``model.compile_blocks`` and ``discriminator.compile_heads`` logs the
     losses of the eager run (a generator and a fake-score iteration), and every block of the three
@@ -182,7 +238,7 @@ def test_engine_with_compiled_blocks_and_heads(tiny_cache, tmp_path):
     # the checkpointed blocks (the SD3.5 configs' budget off), then the budget
     compile_on = ["model.compile_blocks=true", "discriminator.compile_heads=true"]
     grouped = ["model.fsdp=always", "model.fsdp_blocks_per_unit=2", "model.activation_memory_budget=null"]
-    budget = ["model.activation_memory_budget=0.5"]
+    budget = ["model.activation_memory_budget=0.5", "model.fake_activation_memory_budget=1.0"]
     plain = ["model.activation_memory_budget=null"]
     for name, extra in (("compiled", plain), ("compiled_grouped", grouped), ("compiled_budget", budget)):
         if extra is budget:
@@ -192,8 +248,13 @@ def test_engine_with_compiled_blocks_and_heads(tiny_cache, tmp_path):
             blocks = compiled.adapter.blocks(net)
             assert len(blocks) == 2 and all(b._compiled_call_impl is not None for b in blocks)
             assert len(fsdp_units(net)) == (2 if extra is grouped else 0), name  # the root and the block unit
-        for net in (compiled.G.net, compiled.F.net):
+            # sharded on the engine's device (the CPU here), not on the machine's GPU, FSDP2's default
+            tensors = [*net.parameters(), *net.buffers()]
+            assert all(t.device.type == compiled.device.type for t in tensors), name
+        for net, own in ((compiled.G.net, 0.5), (compiled.F.net, 1.0)):
             assert net.gradient_checkpointing == (extra is not budget), name
+            budgets = {getattr(b, "memory_budget", None) for b in compiled.adapter.blocks(net)}
+            assert budgets == ({own} if extra is budget else {None}), name
         compiled.train()
     torch._dynamo.reset()
     runs = [_losses(_metrics(tmp_path / name)) for name in names]

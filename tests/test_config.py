@@ -150,6 +150,8 @@ def test_overrides_types_and_inheritance():
         ("discriminator.hooks=[1, 1]", "discriminator.hooks"),
         ("data.on_error=ignore", "data.on_error"),
         ("model.fsdp_blocks_per_unit=0", "model.fsdp_blocks_per_unit"),
+        ("model.activation_memory_budget=1.5", "model.activation_memory_budget"),
+        ("model.fake_activation_memory_budget=-0.1", "model.fake_activation_memory_budget"),
     ],
 )
 def test_cross_field_errors_name_the_key(override, key):

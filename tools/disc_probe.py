@@ -11,12 +11,14 @@ with a pass per image (the engine until the nineteenth session), alternately.
     python tools/disc_probe.py --channels-last        # the heads' conv weights channels-last
     python tools/disc_probe.py --nchw                 # NCHW conv inputs (the heads until session 19)
     python tools/disc_probe.py --kernels 16           # then the 16 costliest GPU kernels of one step
+    python tools/disc_probe.py --attention cudnn      # DINOv2's attention on cuDNN's kernel only
 
 ``issue ms``: host time until the step's calls return; ``ms``: wall time to the end of the GPU work.
 Where they are close, the host sets the pace.
 """
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -25,7 +27,7 @@ import torch
 from senseflow.data.tiny import resolve_arch
 from senseflow.discriminator import DiscriminatorConfig, VFMDiscriminator
 from senseflow.discriminator.heads import SNConv2d
-from senseflow.kernels import cast_matmul_weights_
+from senseflow.kernels import ATTENTION_BACKENDS, attention_backend, cast_matmul_weights_
 from senseflow.losses.gan import hinge_d_fake, hinge_d_real
 from senseflow.profiling import costliest_kernels
 
@@ -40,6 +42,7 @@ def main() -> None:
     p.add_argument(
         "--kernels", type=int, default=0, help="then profile one step: its N costliest GPU kernels"
     )
+    p.add_argument("--attention", choices=ATTENTION_BACKENDS, help="the only SDPA backend (default: torch's)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--res", type=int, default=1024)
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of the script at a small --res")
@@ -66,22 +69,28 @@ def main() -> None:
     real = torch.rand(1, 3, args.res, args.res, device=dev) * 2 - 1
     fake = torch.rand(1, 3, args.res, args.res, device=dev) * 2 - 1
     text = disc.encode_text(["a photo of a cat"])
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16)
-    with amp:
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16)
+
+    @contextlib.contextmanager
+    def amp():
+        with attention_backend(args.attention), autocast:
+            yield
+
+    with amp():
         ref = disc.reference_features(torch.rand(1, 3, args.res, args.res, device=dev) * 2 - 1)
     weight = torch.tensor([0.8], device=dev)
 
     def step(separate: bool):
         if args.mode:
             torch.compiler.cudagraph_mark_step_begin()
-        with amp:
+        with amp():
             if separate:
                 feats_real = disc.features(real, gen)
             else:
                 feats_real, feats_fake = disc.paired_features(real, fake, gen)
             logits_real = disc.logits(feats_real, text, ref)
         (weight * hinge_d_real(logits_real)).mean().backward()
-        with amp:
+        with amp():
             if separate:
                 feats_fake = disc.features(fake, gen)
             logits_fake = disc.logits(feats_fake, text, ref)
@@ -109,7 +118,7 @@ def main() -> None:
         issues[separate].append(time.perf_counter() - t0)
         sync()
         walls[separate].append(time.perf_counter() - t0)
-    name = f"heads {args.heads}{' NCHW' if args.nchw else ''}{' channels-last' if args.channels_last else ''}{' + backbone compiled' if args.backbone else ''}{f' {args.mode}' if args.mode else ''}"
+    name = f"heads {args.heads}{' NCHW' if args.nchw else ''}{' channels-last' if args.channels_last else ''}{' + backbone compiled' if args.backbone else ''}{f' {args.mode}' if args.mode else ''}{f' attention={args.attention}' if args.attention else ''}"
     for separate in (True, False):
         w, iss = walls[separate], issues[separate]
         print(

@@ -159,7 +159,7 @@ class TeacherAdapter:
 
         per_unit = self.cfg.model.fsdp_blocks_per_unit
         for enc in self.text_encoders:
-            shard(enc, text_encoder_layers(enc), None, blocks_per_unit=per_unit)
+            shard(enc, text_encoder_layers(enc), None, device=self.info.device, blocks_per_unit=per_unit)
         logger.info(
             "text encoders sharded over %d ranks (FSDP2 per %s)",
             self.info.world_size,
@@ -231,18 +231,27 @@ class TeacherAdapter:
         trained_compute = p.compute if p.fsdp_mixed else p.master
         # a compiled block with a memory budget recomputes inside its compiled backward instead
         budget = m.activation_memory_budget if m.compile_blocks else None
-        checkpoint_blocks = m.gradient_checkpointing and budget is None
-        if budget is not None:
-            logger.info(
-                "trained transformer blocks: recomputation chosen by the compiler within an activation "
-                "memory budget of %g (model.activation_memory_budget), not checkpointed",
-                budget,
-            )
+        fake_key = "fake_activation_memory_budget"
+        if m.fake_activation_memory_budget is None:
+            fake_key = "activation_memory_budget"
+        fake_budget = getattr(m, fake_key) if m.compile_blocks else None
+        for name, key, value in (
+            ("generator", "activation_memory_budget", budget),
+            ("fake score", fake_key, fake_budget),
+        ):
+            if value is not None:
+                logger.info(
+                    "%s blocks: recomputation chosen by the compiler within an activation memory budget of "
+                    "%g (model.%s), not checkpointed",
+                    name,
+                    value,
+                    key,
+                )
         nets = []
-        for config, state, trainable, extra in (
-            (self.generator_config(), student_state, True, None),
-            (self.generator_config(), fake_state, True, extras),
-            (self.transformer_config, teacher_state, False, None),
+        for config, state, trainable, extra, net_budget in (
+            (self.generator_config(), student_state, True, None, budget),
+            (self.generator_config(), fake_state, True, extras, fake_budget),
+            (self.transformer_config, teacher_state, False, None, None),
         ):
             nets.append(
                 build_sharded(
@@ -253,9 +262,9 @@ class TeacherAdapter:
                     dtype=DTYPE[p.master if trainable else p.teacher],
                     mp_policy=mixed_precision_policy(trained_compute if trainable else p.teacher),
                     trainable=trainable,
-                    gradient_checkpointing=trainable and checkpoint_blocks,
+                    gradient_checkpointing=trainable and m.gradient_checkpointing and net_budget is None,
                     compile_blocks=m.compile_blocks,
-                    memory_budget=budget if trainable else None,
+                    memory_budget=net_budget,
                     compile_mode=m.compile_mode if trainable else None,
                     blocks_per_unit=self.cfg.model.fsdp_blocks_per_unit,
                     unit_starts=self.unit_starts,
