@@ -719,6 +719,8 @@ def test_options_may_follow_overrides():
 
     args = parse_args(["--recipe", "sd35_medium", "model.compile_blocks=true", "--no-flops", "train.seed=3"])
     assert args.no_flops and args.overrides == ["model.compile_blocks=true", "train.seed=3"]
+    args = parse_args(["--recipe", "sd35_medium", "train.seed=3", "--memory-cap", "58"])
+    assert args.memory_cap == 58.0 and args.overrides == ["train.seed=3"]
 
 
 def test_gc_pauses_records_collections():
@@ -741,3 +743,34 @@ def test_gc_pauses_records_collections():
     assert summary["collections"] >= 2 and summary["per_generation"]["2"]["collections"] >= 2
     assert first > 0 and pauses.take() > 0 and pauses.take() == 0
     assert summary["ms_total"] >= summary["ms_longest"] > 0
+
+
+def test_cuda_graph_results_are_marked_and_left_out_of_the_plan():
+    """A run with CUDA graphs understates its allocated peak (replays allocate nothing): the table marks
+    its peak, and ``--plan`` does not fit memory to it. Older results say so only in their overrides."""
+    from senseflow.bench import uses_cuda_graphs
+
+    old = {
+        "overrides": ["model.compile_blocks=true", "discriminator.compile_mode=reduce-overhead"],
+        "memory": {},
+    }
+    new = {"overrides": [], "memory": {"cuda_graphs": True}}
+    eager = {"overrides": ["model.compile_mode=null"], "memory": {"cuda_graphs": False}}
+    assert uses_cuda_graphs(old) and uses_cuda_graphs(new) and not uses_cuda_graphs(eager)
+    assert not uses_cuda_graphs({"overrides": []})
+    from senseflow.bench import plan
+
+    def run(n, gib, graphs):
+        memory = {"peak_allocated_gib": gib, "sharded_state_gib_per_gpu": [30.0] * n, "cuda_graphs": graphs}
+        return {
+            "recipe": "sd35_medium",
+            "resolution": 1024,
+            "batch_size_per_gpu": 1,
+            "world_size": n,
+            "overrides": [],
+            "memory": memory,
+        }
+
+    measured = [run(1, 56.0, False), run(2, 41.0, False)]
+    rows, _, _ = plan(measured + [run(1, 30.0, True)], [80.0], 0.1, None)
+    assert rows == plan(measured, [80.0], 0.1, None)[0]  # the understated CUDA-graph peak changes nothing
