@@ -119,7 +119,10 @@ class ModelConfig:
     without); on an H200 the tiny recipe logs the losses of a run without it (``tests/test_compile.py``).
     Unsharded nets only (a single process, or ``model.fsdp=never``, not measured on several GPUs): FSDP2
     moves the weights at every pass, so sharded nets refuse it. The teacher's blocks keep the default mode
-    (``model.offload_teacher`` moves its weights). ``null``: torch's default mode."""
+    (``model.offload_teacher`` moves its weights). ``null``: torch's default mode. Memory: a graph's replay
+    allocates nothing, so ``torch.cuda.max_memory_allocated`` leaves out what the graphs' private pools hold;
+    the 1-GPU command with CUDA graphs reported 54.8 GiB allocated and 70.8 reserved, and ran out of memory
+    under a 58 GiB cap (``python -m senseflow.bench --memory-cap 58``), where it runs without them."""
     activation_memory_budget: float | None = None
     """With ``model.compile_blocks``: the trained transformers' blocks are not wrapped in
     ``torch.utils.checkpoint``; instead the compiler chooses what each block's backward recomputes, keeping
@@ -134,13 +137,18 @@ class ModelConfig:
     The generator's saved activations during the GAN term rose by 0.7 GiB (1-GPU bench peak 56.7 GiB).
     ``null`` (or ``compile_blocks=false``): ``model.gradient_checkpointing`` checkpoints the blocks.
     Same arithmetic up to fused-kernel rounding. The VAE decoder stays under ``gradient_checkpointing``.
-    cuDNN's attention is saved for the backward, not recomputed (torch's partitioner recomputed it).
+    cuDNN's attention is saved for the backward, not recomputed (torch's partitioner recomputed it: a
+    full-size SD3.5 Medium pass on an H200 119.5 -> 108.8 ms of GPU time at the same peak; the 1-GPU bench's
+    fake-score step 146 -> 138 ms).
     Modules of one class compiled under different budgets get graphs of their own."""
     fake_activation_memory_budget: float | None = None
     """The fake score's own activation memory budget (see ``model.activation_memory_budget``); ``null``: the
     same as the generator's. The fake score is differentiated only in its own step, where the 1-GPU peak
     is lower than in the generator's GAN term (SD3.5 Medium, 1 x H200: 46.0 against 54.8 GiB), so it can
-    save more (1.0: all, no recomputation; +3.3 GiB at 1024 px) while the generator keeps recomputing."""
+    save more (1.0: all, no recomputation; +3.3 GiB at 1024 px) while the generator keeps recomputing.
+    Measured there with CUDA graphs (``model.compile_mode=reduce-overhead``): 1.0 took the fake-score step
+    from 138 to 124 ms and the run from 0.530 to 0.519 s/it, with 87.3 GiB reserved instead of 70.8 (the
+    saved activations and separate graphs; not analysed further). Not in the configs."""
     cudnn_attention: bool = True
     """Leave cuDNN's fused attention among the backends torch may pick for ``scaled_dot_product_attention``
     in training (torch's default). The FLUX recipe sets it false: on H200 with torch 2.11 (CUDA 13.0) the
