@@ -325,13 +325,19 @@ _BUDGET_CLASSES: dict[tuple[type, float], type] = {}
 
 
 def _budget_class(cls: type, budget: float) -> type:
-    """The subclass of ``cls`` (named like it, nothing overridden) whose instances are compiled under
-    ``budget``: dynamo guards on a module's class, so each budget gets its own graphs."""
+    """The subclass of ``cls`` (named like it, no method overridden) whose instances are compiled under
+    ``budget``: dynamo guards on a module's class, so each budget gets its own graphs.
+
+    For an FSDP2 class (``FSDP<Block>``), whose ``__new__`` builds the unsharded class found at a fixed
+    place in its MRO (e.g. when a container is indexed), ``__new__`` is delegated to ``cls`` so that the
+    extra class in the MRO does not shift it."""
     cls = getattr(cls, "_budget_base", cls)
     key = (cls, float(budget))
     if key not in _BUDGET_CLASSES:
         attrs = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_budget_base": cls}
         attrs["memory_budget"] = float(budget)
+        if issubclass(cls, FSDPModule):
+            attrs["__new__"] = lambda _, *args, **kwargs: cls.__new__(cls, *args, **kwargs)
         _BUDGET_CLASSES[key] = type(cls.__name__, (cls,), attrs)
     return _BUDGET_CLASSES[key]
 

@@ -197,6 +197,30 @@ def test_modules_of_one_class_keep_their_own_budget():
         torch.testing.assert_close(a.grad, 2 * b.grad, rtol=1e-5, atol=1e-6)  # full ran twice
 
 
+def test_budget_class_of_an_fsdp2_module(tmp_path):
+    """A sharded block compiled under a budget (the SD3.5 configs on several GPUs) stays an FSDP2 module of
+    its class, and its class still constructs the unsharded class (FSDP2's ``__new__`` looks the latter up
+    at a fixed place in the MRO, which the budget subclass would shift)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from senseflow.distributed import init_distributed
+    from senseflow.parallel import compile_modules, shard
+
+    info = init_distributed("cpu")
+    torch._dynamo.reset()
+    net = nn.Sequential(_MLP(), _MLP())
+    shard(net, list(net), None, device=info.device)
+    compile_modules(list(net), memory_budget=0.5)
+    block = net[0]
+    assert isinstance(block, FSDPModule) and isinstance(block, _MLP) and type(block).memory_budget == 0.5
+    fresh = type(block).__new__(type(block))
+    assert type(fresh) is _MLP
+    x = torch.randn(4, 16, requires_grad=True)
+    net(x).square().sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in net.parameters())
+    torch._dynamo.reset()
+
+
 def test_partitioner_keeps_cudnn_attention_saved():
     """Under a memory budget torch's partitioner recomputes whatever it does not list as compute-intensive;
     its list has the flash and memory-efficient attention kernels but not cuDNN's, which torch picks on
