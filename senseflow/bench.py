@@ -59,7 +59,7 @@ import torch.distributed as dist
 from .errors import ConfigError, SenseFlowError
 from .output import emit
 from .parallel import local_tensor
-from .profiling import OUTSIDE_PHASES, GcPauses
+from .profiling import OUTSIDE_PHASES, GcPauses, private_pool_bytes
 
 logger = logging.getLogger("senseflow.bench")
 
@@ -607,6 +607,7 @@ def run_benchmark(
         memory["peak_reserved_gib_per_gpu"] = _gather(engine.timer.peak_reserved / GIB)
         memory["phase_peak_gib_per_gpu"] = _gather(peaks)
         memory["cuda_graphs"] = bool(getattr(engine, "compile_modes", False))
+        memory["graph_pools_gib_per_gpu"] = _gather(private_pool_bytes() / GIB)  # at the window's end
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     memory["host_max_rss_gib_per_process"] = _gather(rss / (GIB if sys.platform == "darwin" else 2**20))
 
@@ -777,6 +778,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     if "peak_allocated_gib_per_gpu" in memory:
         memory["peak_allocated_gib"] = max(memory["peak_allocated_gib_per_gpu"])
         memory["peak_reserved_gib"] = max(memory["peak_reserved_gib_per_gpu"])
+    if memory.get("graph_pools_gib_per_gpu"):
+        memory["graph_pools_gib"] = max(memory["graph_pools_gib_per_gpu"])
     # where the window's peak is reached (ties: a named phase before the stretches between phases)
     candidates = [
         (p[f"peak_gib_{kind}_iter"], name == UNATTRIBUTED, _phase_order(name), name, kind)
@@ -919,6 +922,11 @@ def format_result(r: dict[str, Any]) -> str:
             lines.append(
                 "*: CUDA graphs: the allocated peak leaves out what their replays hold in the graphs' private "
                 "pools; the reserved peak bounds the footprint, and --memory-cap proves a fit."
+                + (
+                    f" The pools held {mem['graph_pools_gib']:.1f} GiB at the window's end."
+                    if mem.get("graph_pools_gib") is not None
+                    else ""
+                )
             )
         if r.get("memory_cap_gib"):
             lines.append(f"run under --memory-cap {r['memory_cap_gib']:g} GiB per GPU.")

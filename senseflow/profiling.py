@@ -215,3 +215,12 @@ def costliest_kernels(fn: Callable[[], object], n: int) -> tuple[float, list[str
     total = sum(e.self_device_time_total for e in events) / 1000
     rows = [f"{e.self_device_time_total / 1000:7.2f} ms {e.count:5d}x {e.key[:100]}" for e in events[:n]]
     return total, rows
+
+
+def private_pool_bytes(segments: list[dict] | None = None) -> int:
+    """Bytes the CUDA caching allocator holds in private memory pools (those of CUDA graphs), from
+    ``torch.cuda.memory_snapshot()`` (or the given segments): the segments whose pool id is not the default
+    ``(0, 0)``. A graph's replay allocates nothing, so ``max_memory_allocated`` leaves these out."""
+    if segments is None:
+        segments = torch.cuda.memory_snapshot()
+    return sum(s["total_size"] for s in segments if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0))

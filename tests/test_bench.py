@@ -774,3 +774,16 @@ def test_cuda_graph_results_are_marked_and_left_out_of_the_plan():
     measured = [run(1, 56.0, False), run(2, 41.0, False)]
     rows, _, _ = plan(measured + [run(1, 30.0, True)], [80.0], 0.1, None)
     assert rows == plan(measured, [80.0], 0.1, None)[0]  # the understated CUDA-graph peak changes nothing
+
+
+def test_private_pool_bytes_counts_the_graph_pools_only():
+    """The bench's ``graph_pools_gib``: segments of private pools (CUDA graphs) summed, the default pool's not."""
+    from senseflow.profiling import private_pool_bytes
+
+    segments = [
+        {"total_size": 2 << 20, "segment_pool_id": (0, 0)},
+        {"total_size": 3 << 20, "segment_pool_id": (0, 1)},
+        {"total_size": 5 << 20, "segment_pool_id": [1, 0]},
+    ]
+    assert private_pool_bytes(segments) == 8 << 20
+    assert private_pool_bytes([]) == 0
