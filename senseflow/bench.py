@@ -607,7 +607,13 @@ def run_benchmark(
         memory["peak_reserved_gib_per_gpu"] = _gather(engine.timer.peak_reserved / GIB)
         memory["phase_peak_gib_per_gpu"] = _gather(peaks)
         memory["cuda_graphs"] = bool(getattr(engine, "compile_modes", False))
-        memory["graph_pools_gib_per_gpu"] = _gather(private_pool_bytes() / GIB)  # at the window's end
+        try:  # at the window's end; other allocator backends (cudaMallocAsync) have no snapshot
+            pools = private_pool_bytes() / GIB
+        except RuntimeError:
+            pools = -1.0
+        pools = _gather(pools)  # a collective: every rank takes part
+        if min(pools) >= 0:
+            memory["graph_pools_gib_per_gpu"] = pools
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     memory["host_max_rss_gib_per_process"] = _gather(rss / (GIB if sys.platform == "darwin" else 2**20))
 
