@@ -314,10 +314,9 @@ def compile_modules(
     if memory_budget is not None:
         keep_cudnn_attention_saved()
     for module in modules:
-        if memory_budget is not None:
-            module.__class__ = _budget_class(type(module), memory_budget)
         module.compile(mode=mode)
         if memory_budget is not None:
+            module.__class__ = _budget_class(type(module), memory_budget)
             module._compiled_call_impl = _under_memory_budget(module._compiled_call_impl, memory_budget)
 
 

@@ -126,15 +126,8 @@ class _MLP(nn.Module):
         return self.down(torch.nn.functional.gelu(h) * torch.sigmoid(h)) + x
 
 
-def _saved_bytes_and_grads(memory_budget):
-    """Bytes a compiled ``_MLP`` saves for its backward, its gradients, and the budget seen after the call."""
-    from senseflow.parallel import compile_modules
-
-    torch._dynamo.reset()  # the budget is read when a graph is compiled, not guarded
-    torch.manual_seed(0)
-    net = _MLP()
-    compile_modules([net], memory_budget=memory_budget)
-    x = torch.randn(8, 16, requires_grad=True)
+def _saved_bytes(net: nn.Module, x: torch.Tensor) -> int:
+    """Bytes ``net`` saves for its backward in one training pass on ``x`` (the pass runs its backward)."""
     saved = []
 
     def pack(t):
@@ -144,8 +137,21 @@ def _saved_bytes_and_grads(memory_budget):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = net(x)
     y.square().sum().backward()
+    return sum(saved)
+
+
+def _saved_bytes_and_grads(memory_budget):
+    """Bytes a compiled ``_MLP`` saves for its backward, its gradients, and the budget seen after the call."""
+    from senseflow.parallel import compile_modules
+
+    torch._dynamo.reset()  # the budget is read when a graph is compiled, not guarded
+    torch.manual_seed(0)
+    net = _MLP()
+    compile_modules([net], memory_budget=memory_budget)
+    x = torch.randn(8, 16, requires_grad=True)
+    saved = _saved_bytes(net, x)
     grads = [x.grad, *(p.grad for p in net.parameters())]
-    return sum(saved), grads, torch._functorch.config.activation_memory_budget
+    return saved, grads, torch._functorch.config.activation_memory_budget
 
 
 def test_memory_budget_recomputes_inside_the_compiled_backward():
@@ -177,20 +183,7 @@ def test_modules_of_one_class_keep_their_own_budget():
     assert type(full).__name__ == type(lean).__name__ == "_MLP" and isinstance(lean, _MLP)
     assert (type(full).memory_budget, type(lean).memory_budget) == (1.0, 0.0)
     x = torch.randn(8, 16, requires_grad=True)
-
-    def saved_bytes(net):
-        saved = []
-
-        def pack(t):
-            saved.append(t.numel() * t.element_size())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = net(x)
-        y.square().sum().backward()
-        return sum(saved)
-
-    first, second, again = saved_bytes(full), saved_bytes(lean), saved_bytes(full)
+    first, second, again = _saved_bytes(full, x), _saved_bytes(lean, x), _saved_bytes(full, x)
     torch._dynamo.reset()
     assert second < first == again, (first, second, again)
     for a, b in zip(full.parameters(), lean.parameters()):
